@@ -1,0 +1,304 @@
+//! RabbitMQ topology and confirmed publishing of sync jobs.
+//!
+//! ```text
+//! <p>.jobs (direct) --sync--> <p>.jobs (quorum) --DLX <p>.dlx--> <p>.jobs.dead
+//! <p>.retry (direct) --tier--> <p>.retry.<tier> (TTL) --DLX <p>.jobs/sync--> back to work
+//! ```
+//! Every name derives from one prefix, so tests and tenants get their own set. Declaring is
+//! idempotent; producer and worker both declare at start.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::ExposeSecret;
+
+use crate::config::{AmqpSettings, RetryTier};
+use crate::job::{ATTEMPT_HEADER, CONTENT_TYPE, DEAD_REASON_HEADER, JobEnvelope};
+
+/// Routing key of work messages.
+pub const ROUTING_KEY: &str = "sync";
+const DEAD_ROUTING_KEY: &str = "dead";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("cannot connect to RabbitMQ at {url}: {source}")]
+    Connect { url: String, source: lapin::Error },
+    #[error("cannot connect to RabbitMQ at {url}: no answer within {secs}s")]
+    ConnectTimeout { url: String, secs: u64 },
+    #[error("RabbitMQ {op} failed: {source}")]
+    Protocol { op: &'static str, source: lapin::Error },
+    #[error("RabbitMQ returned the message as unroutable ({0}): is the topology declared?")]
+    Unroutable(String),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("RabbitMQ did not confirm the publish within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+fn protocol(op: &'static str) -> impl FnOnce(lapin::Error) -> AmqpError {
+    move |source| AmqpError::Protocol { op, source }
+}
+
+/// Opens a connection; the error names the broker with its password masked.
+pub async fn connect(settings: &AmqpSettings, connection_name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(connection_name.to_string().into());
+    let url = settings.url.expose_secret();
+    let connect = Connection::connect(url, props);
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(source)) => Err(AmqpError::Connect { url: settings.display_url(), source }),
+        Err(_) => Err(AmqpError::ConnectTimeout { url: settings.display_url(), secs: 10 }),
+    }
+}
+
+/// The names of every exchange and queue, derived from one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+    tiers: Vec<RetryTier>,
+}
+
+impl Topology {
+    pub fn new(settings: &AmqpSettings) -> Self {
+        Self { prefix: settings.prefix.clone(), tiers: settings.retry_tiers.clone() }
+    }
+
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+    pub fn retry_queue(&self, tier: &RetryTier) -> String {
+        format!("{}.retry.{}", self.prefix, tier.name)
+    }
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.jobs.dead", self.prefix)
+    }
+    pub fn tiers(&self) -> &[RetryTier] {
+        &self.tiers
+    }
+
+    /// The retry tier for a job that failed on `attempt` (1-based), or `None` once all are used.
+    pub fn tier_for_attempt(&self, attempt: u32) -> Option<&RetryTier> {
+        self.tiers.get(attempt.saturating_sub(1) as usize)
+    }
+
+    /// Declares every exchange, queue and binding. Safe to call from many processes at once.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for exchange in [self.jobs_exchange(), self.retry_exchange(), self.dead_exchange()] {
+            channel
+                .exchange_declare(exchange.into(), ExchangeKind::Direct, durable, FieldTable::default())
+                .await
+                .map_err(protocol("exchange.declare"))?;
+        }
+        let queue_opts = QueueDeclareOptions { durable: true, ..Default::default() };
+
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), long_string("quorum"));
+        channel
+            .queue_declare(self.dead_queue().into(), queue_opts, dead_args)
+            .await
+            .map_err(protocol("queue.declare"))?;
+        self.bind(channel, &self.dead_queue(), &self.dead_exchange(), DEAD_ROUTING_KEY).await?;
+
+        let mut work_args = FieldTable::default();
+        work_args.insert("x-queue-type".into(), long_string("quorum"));
+        work_args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
+        work_args.insert("x-dead-letter-routing-key".into(), long_string(DEAD_ROUTING_KEY));
+        channel
+            .queue_declare(self.jobs_queue().into(), queue_opts, work_args)
+            .await
+            .map_err(protocol("queue.declare"))?;
+        self.bind(channel, &self.jobs_queue(), &self.jobs_exchange(), ROUTING_KEY).await?;
+
+        for tier in &self.tiers {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long_string("quorum"));
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.delay_ms as i64));
+            args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
+            args.insert("x-dead-letter-routing-key".into(), long_string(ROUTING_KEY));
+            let queue = self.retry_queue(tier);
+            channel
+                .queue_declare(queue.clone().into(), queue_opts, args)
+                .await
+                .map_err(protocol("queue.declare"))?;
+            self.bind(channel, &queue, &self.retry_exchange(), &tier.name).await?;
+        }
+        Ok(())
+    }
+
+    async fn bind(&self, channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), AmqpError> {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(protocol("queue.bind"))
+    }
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// The work queue.
+    Work,
+    /// A retry tier; the message comes back to work after its TTL.
+    Retry(RetryTier),
+    /// The dead-letter queue, with the reason in a header.
+    Dead { reason: String },
+}
+
+/// Extra AMQP headers for a publish (trace context, attempt).
+#[derive(Debug, Clone, Default)]
+pub struct PublishMeta {
+    pub attempt: u32,
+    pub app_id: String,
+    /// W3C trace context headers (`traceparent`, `tracestate`).
+    pub trace_headers: Vec<(String, String)>,
+}
+
+/// A channel in confirm mode that publishes jobs and waits for the broker's confirm.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    topology: Topology,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection, settings: &AmqpSettings) -> Result<Self, AmqpError> {
+        let channel = connection.create_channel().await.map_err(protocol("channel.open"))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(protocol("confirm.select"))?;
+        Ok(Self {
+            channel,
+            topology: Topology::new(settings),
+            confirm_timeout: Duration::from_secs(settings.confirm_timeout_secs.max(1)),
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Publishes a job (persistent, mandatory) and waits for the confirm.
+    pub async fn publish_job(
+        &self,
+        job: &JobEnvelope,
+        destination: &Destination,
+        meta: &PublishMeta,
+    ) -> Result<(), AmqpError> {
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(meta.attempt.max(1))));
+        for (k, v) in &meta.trace_headers {
+            if let Ok(key) = ShortString::try_new(k.as_str()) {
+                headers.insert(key, long_string(v));
+            }
+        }
+        let (exchange, key) = match destination {
+            Destination::Work => (self.topology.jobs_exchange(), ROUTING_KEY.to_string()),
+            Destination::Retry(tier) => (self.topology.retry_exchange(), tier.name.clone()),
+            Destination::Dead { reason } => {
+                headers.insert(DEAD_REASON_HEADER.into(), long_string(reason));
+                (self.topology.dead_exchange(), DEAD_ROUTING_KEY.to_string())
+            }
+        };
+        let mut props = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_message_id(job.id.to_string().into())
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+            .with_priority(job.data.priority.amqp_priority())
+            .with_headers(headers);
+        if let Ok(app) = ShortString::try_new(meta.app_id.as_str()) {
+            props = props.with_app_id(app);
+        }
+        self.publish_raw(&exchange, &key, &job.to_json(), props).await
+    }
+
+    /// Publishes raw bytes (used to dead-letter bodies that are not valid jobs).
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), AmqpError> {
+        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm = self
+            .channel
+            .basic_publish(exchange.into(), routing_key.into(), opts, body, props)
+            .await
+            .map_err(protocol("basic.publish"))?;
+        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
+            .await
+            .map_err(|_| AmqpError::ConfirmTimeout(self.confirm_timeout))?
+            .map_err(protocol("publisher confirm"))?;
+        match confirmation {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            lapin::Confirmation::Ack(Some(returned)) => {
+                Err(AmqpError::Unroutable(format!("{} → {exchange}/{routing_key}", returned.reply_text)))
+            }
+            lapin::Confirmation::Nack(_) => Err(AmqpError::Nacked),
+            lapin::Confirmation::NotRequested => Ok(()),
+        }
+    }
+
+    /// Dead-letters an arbitrary body with a reason header, keeping its original properties.
+    pub async fn dead_letter_raw(
+        &self,
+        body: &[u8],
+        original: &BasicProperties,
+        reason: &str,
+    ) -> Result<(), AmqpError> {
+        let mut headers = original.headers().clone().unwrap_or_default();
+        headers.insert(DEAD_REASON_HEADER.into(), long_string(reason));
+        let props = original.clone().with_headers(headers).with_delivery_mode(2);
+        self.publish_raw(&self.topology.dead_exchange(), DEAD_ROUTING_KEY, body, props).await
+    }
+}
+
+/// Reads an integer header (any AMQP integer type), e.g. the attempt number.
+pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    let n: i64 = match value {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok()?,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+/// Reads a string header, e.g. `traceparent`.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}

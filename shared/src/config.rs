@@ -1,0 +1,309 @@
+//! Layered, typed settings.
+//!
+//! Order of precedence, lowest first: built-in defaults that point at the local services, then an
+//! optional TOML file (`--config` or `SYNCFLEET_CONFIG`), then `SYNCFLEET_` environment variables
+//! where `__` nests (`SYNCFLEET_WORKER__CONCURRENCY=8`). Connection strings and keys are held in
+//! [`SecretString`]s so they never reach a log line through `Debug`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::secret::redact_url;
+
+/// Everything a syncfleet process can be configured with.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub amqp: AmqpSettings,
+    pub notion: NotionSettings,
+    pub worker: WorkerSettings,
+    pub sync: SyncSettings,
+    /// Base64 of the 32-byte AES-256-GCM key that encrypts Notion tokens at rest.
+    pub encryption_key: Option<SecretString>,
+    /// `text` (default) or `json`: one JSON object per log line.
+    pub log_format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info,syncfleet_worker=debug`.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/dbname`; may hold a password.
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("postgres://postgres@127.0.0.1:5432/syncfleet"),
+            max_connections: 10,
+            connect_timeout_secs: 5,
+        }
+    }
+}
+
+impl DatabaseSettings {
+    /// The URL with any password masked, for errors and logs.
+    pub fn display_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    /// Prefix of every Redis key this process touches; tests use their own.
+    pub key_prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: SecretString::from("redis://127.0.0.1:6379"), key_prefix: "syncfleet".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AmqpSettings {
+    pub url: SecretString,
+    /// Prefix of every exchange and queue name (`<prefix>.jobs`, `<prefix>.jobs.dead`, …).
+    pub prefix: String,
+    /// Retry tiers, in order; a failed job moves one tier further on each attempt.
+    pub retry_tiers: Vec<RetryTier>,
+    /// How long a publish may wait for the broker's confirm.
+    pub confirm_timeout_secs: u64,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            prefix: "syncfleet".into(),
+            retry_tiers: vec![
+                RetryTier { name: "30s".into(), delay_ms: 30_000 },
+                RetryTier { name: "2m".into(), delay_ms: 120_000 },
+                RetryTier { name: "8m".into(), delay_ms: 480_000 },
+            ],
+            confirm_timeout_secs: 10,
+        }
+    }
+}
+
+impl AmqpSettings {
+    pub fn display_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+/// A retry queue: messages wait `delay_ms` there, then dead-letter back to the work exchange.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct RetryTier {
+    pub name: String,
+    pub delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NotionSettings {
+    /// `https://api.notion.com`, or a notion-sim address.
+    pub base_url: String,
+    /// The `Notion-Version` header sent with every request.
+    pub version: String,
+    pub timeout_secs: u64,
+    /// Retries in place of a transient failure (5xx, 409, timeouts) before the job is re-queued.
+    pub max_transient_retries: u32,
+    /// Longest total time one request may spend waiting on `Retry-After`s before giving up.
+    pub max_rate_wait_secs: u64,
+}
+
+impl Default for NotionSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.notion.com".into(),
+            version: crate::notion::NOTION_VERSION.into(),
+            timeout_secs: 30,
+            max_transient_retries: 4,
+            max_rate_wait_secs: 900,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WorkerSettings {
+    /// Jobs run at once by one worker process; also the AMQP prefetch.
+    pub concurrency: u16,
+    /// Name recorded in `sync_runs.worker`; the host name when unset.
+    pub id: Option<String>,
+    /// How long in-flight jobs get to reach a checkpoint after SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self { concurrency: 4, id: None, shutdown_grace_secs: 25 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SyncSettings {
+    /// Rows per Notion query (Notion's maximum is 100).
+    pub page_size: u8,
+    /// Incremental syncs re-read this much before the watermark (Notion rounds to the minute).
+    pub overlap_secs: u64,
+    /// Default rate for integrations added without one, requests per second.
+    pub default_rate: f64,
+    pub default_burst: u32,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self { page_size: 100, overlap_secs: 120, default_rate: 3.0, default_burst: 3 }
+    }
+}
+
+impl SyncSettings {
+    pub fn overlap(&self) -> Duration {
+        Duration::from_secs(self.overlap_secs)
+    }
+}
+
+/// Why settings could not be loaded. Never carries a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(String),
+    #[error("configuration key `{key}` is invalid: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (or `SYNCFLEET_CONFIG`), then `SYNCFLEET_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        let env_file = std::env::var_os("SYNCFLEET_CONFIG");
+        let file = file.or(env_file.as_deref().map(Path::new));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!("config file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("SYNCFLEET_").ignore(&["config"]).split("__"));
+        let settings: Settings = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(&e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values that parse but make no sense, so a bad deployment fails at start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker.concurrency == 0 || self.worker.concurrency > 512 {
+            return Err(ConfigError::Invalid { key: "worker.concurrency", reason: "must be between 1 and 512".into() });
+        }
+        if self.sync.page_size == 0 || self.sync.page_size > 100 {
+            return Err(ConfigError::Invalid { key: "sync.page_size", reason: "must be between 1 and 100".into() });
+        }
+        if !(self.sync.default_rate > 0.0 && self.sync.default_rate.is_finite()) {
+            return Err(ConfigError::Invalid { key: "sync.default_rate", reason: "must be a positive number".into() });
+        }
+        if url::Url::parse(&self.notion.base_url).is_err() {
+            return Err(ConfigError::Invalid { key: "notion.base_url", reason: "is not a URL".into() });
+        }
+        for (key, value) in [
+            ("database.url", &self.database.url),
+            ("redis.url", &self.redis.url),
+            ("amqp.url", &self.amqp.url),
+        ] {
+            if url::Url::parse(value.expose_secret()).is_err() {
+                return Err(ConfigError::Invalid { key, reason: "is not a URL".into() });
+            }
+        }
+        if self.amqp.retry_tiers.iter().any(|t| t.name.is_empty() || t.delay_ms == 0) {
+            return Err(ConfigError::Invalid { key: "amqp.retry_tiers", reason: "every tier needs a name and a delay".into() });
+        }
+        if let Some(key) = &self.encryption_key {
+            crate::crypto::TokenCipher::from_base64(key)
+                .map_err(|e| ConfigError::Invalid { key: "encryption_key", reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// The cipher for Notion tokens, or a clear error when no key is configured.
+    pub fn token_cipher(&self) -> Result<crate::crypto::TokenCipher, ConfigError> {
+        let key = self.encryption_key.as_ref().ok_or(ConfigError::Invalid {
+            key: "encryption_key",
+            reason: "is not set (SYNCFLEET_ENCRYPTION_KEY: base64 of 32 random bytes)".into(),
+        })?;
+        crate::crypto::TokenCipher::from_base64(key)
+            .map_err(|e| ConfigError::Invalid { key: "encryption_key", reason: e.to_string() })
+    }
+}
+
+/// Figment's messages can quote the offending value; keep the key and the expectation only.
+fn describe_figment_error(error: &figment::Error) -> String {
+    let mut parts = Vec::new();
+    for e in error.clone() {
+        let key = if e.path.is_empty() { "<root>".to_string() } else { e.path.join(".") };
+        let kind = match &e.kind {
+            figment::error::Kind::InvalidType(_, expected) => format!("expected {expected}"),
+            figment::error::Kind::InvalidValue(_, expected) => format!("expected {expected}"),
+            other => other.to_string(),
+        };
+        let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+        parts.push(format!("key `{key}`: {kind}{source}"));
+    }
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_local_services_and_validate() {
+        let s = Settings::default();
+        s.validate().expect("defaults are valid");
+        assert_eq!(s.worker.concurrency, 4);
+        assert_eq!(s.amqp.prefix, "syncfleet");
+        assert_eq!(s.database.display_url(), "postgres://postgres@127.0.0.1:5432/syncfleet");
+    }
+
+    #[test]
+    fn debug_output_never_shows_urls_with_passwords() {
+        let mut s = Settings::default();
+        s.database.url = SecretString::from("postgres://u:hunter2@db/x");
+        s.encryption_key = Some(SecretString::from("c2VjcmV0"));
+        let text = format!("{s:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("c2VjcmV0"), "{text}");
+        assert_eq!(s.database.display_url(), "postgres://u:****@db/x");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let mut s = Settings::default();
+        s.worker.concurrency = 0;
+        let err = s.validate().expect_err("zero concurrency is rejected");
+        assert!(err.to_string().contains("worker.concurrency"), "{err}");
+    }
+}

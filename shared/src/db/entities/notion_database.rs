@@ -1,0 +1,31 @@
+//! `notion_databases`: a mirrored Notion database, its data source, schema, watermark and fence.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "notion_databases")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub integration: String,
+    pub data_source_id: Uuid,
+    pub title: String,
+    /// Unique, SQL-safe name used for the per-database typed view.
+    pub slug: String,
+    #[sea_orm(column_type = "JsonBinary")]
+    pub schema: Json,
+    pub schema_hash: String,
+    pub sync_interval_secs: Option<i32>,
+    /// Incremental syncs read from `watermark - overlap`.
+    pub watermark: Option<ChronoDateTimeUtc>,
+    /// Incremented on every lock acquisition; writes carry it.
+    pub fence: i64,
+    pub last_success_at: Option<ChronoDateTimeUtc>,
+    pub created_at: ChronoDateTimeUtc,
+    pub updated_at: ChronoDateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

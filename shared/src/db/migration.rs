@@ -1,0 +1,110 @@
+//! Schema migrations (sea-orm-migration). `syncfleet-producer migrate` applies them; re-running
+//! changes nothing because applied versions are recorded in `seaql_migrations`.
+//!
+//! The DDL is plain PostgreSQL so that column types (`jsonb`, `timestamptz`, `bytea`) and
+//! constraints are exactly what operators will query.
+
+use sea_orm_migration::prelude::*;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261122_000001_init::Migration)]
+    }
+}
+
+mod m20261122_000001_init {
+    use sea_orm_migration::prelude::*;
+
+    #[derive(DeriveMigrationName)]
+    pub struct Migration;
+
+    const UP: &str = r#"
+CREATE TABLE integrations (
+    slug             text PRIMARY KEY CHECK (slug ~ '^[A-Za-z0-9_-]{1,64}$'),
+    workspace        text,
+    token_encrypted  bytea NOT NULL,
+    rate_per_second  double precision NOT NULL CHECK (rate_per_second > 0),
+    burst            integer NOT NULL CHECK (burst >= 1),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE notion_databases (
+    id                     uuid PRIMARY KEY,
+    integration            text NOT NULL REFERENCES integrations (slug) ON DELETE CASCADE,
+    data_source_id         uuid NOT NULL,
+    title                  text NOT NULL DEFAULT '',
+    slug                   text NOT NULL UNIQUE,
+    schema                 jsonb NOT NULL DEFAULT '{}'::jsonb,
+    schema_hash            text NOT NULL DEFAULT '',
+    sync_interval_secs     integer CHECK (sync_interval_secs IS NULL OR sync_interval_secs > 0),
+    watermark              timestamptz,
+    fence                  bigint NOT NULL DEFAULT 0,
+    last_success_at        timestamptz,
+    created_at             timestamptz NOT NULL DEFAULT now(),
+    updated_at             timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE notion_pages (
+    database_id       uuid NOT NULL REFERENCES notion_databases (id) ON DELETE CASCADE,
+    page_id           uuid NOT NULL,
+    properties        jsonb NOT NULL,
+    url               text,
+    created_time      timestamptz NOT NULL,
+    last_edited_time  timestamptz NOT NULL,
+    created_by        uuid,
+    last_edited_by    uuid,
+    archived          boolean NOT NULL DEFAULT false,
+    in_trash          boolean NOT NULL DEFAULT false,
+    deleted_at        timestamptz,
+    content_hash      text NOT NULL,
+    last_seen_run     uuid,
+    written_fence     bigint NOT NULL DEFAULT 0,
+    synced_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (database_id, page_id)
+);
+CREATE INDEX notion_pages_last_edited ON notion_pages (database_id, last_edited_time);
+
+CREATE TABLE sync_runs (
+    id               uuid PRIMARY KEY,
+    database_id      uuid NOT NULL REFERENCES notion_databases (id) ON DELETE CASCADE,
+    integration      text NOT NULL,
+    mode             text NOT NULL CHECK (mode IN ('full', 'incremental')),
+    reason           text NOT NULL,
+    status           text NOT NULL CHECK (status IN ('queued', 'running', 'retrying', 'succeeded', 'partial', 'failed', 'skipped')),
+    attempt          integer NOT NULL DEFAULT 0,
+    worker           text,
+    enqueued_at      timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    requests         bigint NOT NULL DEFAULT 0,
+    rate_limited     bigint NOT NULL DEFAULT 0,
+    pages_seen       bigint NOT NULL DEFAULT 0,
+    pages_created    bigint NOT NULL DEFAULT 0,
+    pages_updated    bigint NOT NULL DEFAULT 0,
+    pages_unchanged  bigint NOT NULL DEFAULT 0,
+    pages_deleted    bigint NOT NULL DEFAULT 0,
+    pages_invalid    bigint NOT NULL DEFAULT 0,
+    checkpoint       jsonb,
+    error_kind       text,
+    error_message    text
+);
+CREATE INDEX sync_runs_database ON sync_runs (database_id, enqueued_at DESC);
+"#;
+
+    const DOWN: &str = "DROP TABLE sync_runs; DROP TABLE notion_pages; DROP TABLE notion_databases; DROP TABLE integrations;";
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! PostgreSQL: the durable truth. Connection, migrations, entities and the write paths.
+
+pub mod entities;
+pub mod migration;
+pub mod pages;
+pub mod runs;
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement};
+use sea_orm_migration::MigratorTrait;
+use secrecy::ExposeSecret;
+
+use crate::config::DatabaseSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to PostgreSQL at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("PostgreSQL error: {0}")]
+    Query(#[from] DbErr),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Opens a pool. The error names the server with the password masked.
+pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, DbError> {
+    let mut options = ConnectOptions::new(settings.url.expose_secret().to_string());
+    options
+        .max_connections(settings.max_connections.max(1))
+        .min_connections(0)
+        .connect_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1)))
+        .acquire_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1) * 6))
+        .sqlx_logging(false);
+    let db = Database::connect(options).await.map_err(|e| connect_error(settings, &e))?;
+    // `connect` is lazy for some drivers; make an unreachable server fail here, clearly.
+    db.execute_unprepared("SELECT 1").await.map_err(|e| connect_error(settings, &e))?;
+    Ok(db)
+}
+
+fn connect_error(settings: &DatabaseSettings, error: &DbErr) -> DbError {
+    let secret = settings.url.expose_secret();
+    let mut message = error.to_string();
+    // Drivers should not echo the URL, but never let one through.
+    if let Ok(url) = url::Url::parse(secret)
+        && let Some(pw) = url.password()
+        && !pw.is_empty()
+    {
+        message = message.replace(pw, "****");
+    }
+    DbError::Connect { url: settings.display_url(), message }
+}
+
+/// Creates the configured database when it is missing (connecting to `postgres` to do so),
+/// then applies every pending migration. Running it twice changes nothing.
+pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<String>, DbError> {
+    ensure_database(settings).await?;
+    let db = connect(settings).await?;
+    let pending: Vec<String> = migration::Migrator::get_pending_migrations(&db)
+        .await?
+        .iter()
+        .map(|m| m.name().to_string())
+        .collect();
+    migration::Migrator::up(&db, None).await?;
+    db.close().await.ok();
+    Ok(pending)
+}
+
+async fn ensure_database(settings: &DatabaseSettings) -> Result<(), DbError> {
+    let Ok(mut url) = url::Url::parse(settings.url.expose_secret()) else {
+        return Err(DbError::Invalid("database.url is not a URL".into()));
+    };
+    let name = url.path().trim_start_matches('/').to_string();
+    if name.is_empty() || name == "postgres" {
+        return Ok(());
+    }
+    url.set_path("/postgres");
+    let admin = DatabaseSettings {
+        url: secrecy::SecretString::from(url.to_string()),
+        max_connections: 1,
+        connect_timeout_secs: settings.connect_timeout_secs,
+    };
+    let Ok(conn) = connect(&admin).await else {
+        // No access to the maintenance database: let the real connect report the problem.
+        return Ok(());
+    };
+    let exists = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            [name.clone().into()],
+        ))
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        if let Err(e) = conn.execute_unprepared(&format!("CREATE DATABASE {quoted}")).await {
+            // Another process may have created it at the same moment.
+            tracing::debug!(error = %e, "CREATE DATABASE failed; assuming it exists");
+        }
+    }
+    conn.close().await.ok();
+    Ok(())
+}

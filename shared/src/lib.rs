@@ -1,0 +1,16 @@
+//! Shared by the syncfleet producer and worker: the job contract, settings, the Notion client,
+//! the rate budget, AMQP topology and publishing, and the PostgreSQL schema.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod amqp;
+pub mod budget;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod job;
+pub mod notion;
+pub mod secret;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::Settings;

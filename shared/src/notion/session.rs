@@ -1,0 +1,139 @@
+//! A Notion session for one integration: every request waits on the rate budget, honours
+//! `Retry-After`, and retries transient failures in place with jittered backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::Rng;
+use secrecy::SecretString;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::client::{Endpoint, NotionClient, Response};
+use super::error::{FailureClass, NotionError};
+use crate::budget::{Budget, BudgetKey};
+
+/// Requests sent and 429/529s received, for `sync_runs` counters.
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    pub requests: AtomicU64,
+    pub rate_limited: AtomicU64,
+}
+
+impl RequestStats {
+    /// Returns and resets both counters (requests, rate_limited).
+    pub fn take(&self) -> (u64, u64) {
+        (self.requests.swap(0, Ordering::Relaxed), self.rate_limited.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Everything needed to talk to Notion as one integration.
+#[derive(Clone)]
+pub struct NotionSession {
+    client: NotionClient,
+    token: SecretString,
+    budget: Budget,
+    key: BudgetKey,
+    stats: Arc<RequestStats>,
+    max_transient_retries: u32,
+    max_rate_wait: Duration,
+}
+
+impl std::fmt::Debug for NotionSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotionSession").field("integration", &self.key.integration).finish_non_exhaustive()
+    }
+}
+
+impl NotionSession {
+    pub fn new(
+        client: NotionClient,
+        token: SecretString,
+        budget: Budget,
+        key: BudgetKey,
+        settings: &crate::config::NotionSettings,
+    ) -> Self {
+        Self {
+            client,
+            token,
+            budget,
+            key,
+            stats: Arc::new(RequestStats::default()),
+            max_transient_retries: settings.max_transient_retries,
+            max_rate_wait: Duration::from_secs(settings.max_rate_wait_secs),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<RequestStats> {
+        &self.stats
+    }
+
+    pub fn integration(&self) -> &str {
+        &self.key.integration
+    }
+
+    /// Sends a request under the budget, waiting out rate limits and retrying transient errors.
+    pub async fn request<B: Serialize + ?Sized + Sync, T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Response<T>, NotionError> {
+        let mut transient_failures = 0u32;
+        let mut rate_waited = Duration::ZERO;
+        loop {
+            let wait = self.budget.acquire(&self.key).await;
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let result = self.client.send(&self.token, endpoint, path, body).await;
+            let error = match result {
+                Ok(response) => return Ok(response),
+                Err(error) => error,
+            };
+            match error.class() {
+                FailureClass::Rate => {
+                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    let retry_after = match &error {
+                        NotionError::RateLimited { retry_after, .. } => *retry_after,
+                        _ => Duration::from_secs(1),
+                    };
+                    rate_waited += retry_after;
+                    if rate_waited > self.max_rate_wait {
+                        return Err(NotionError::RateWaitExceeded(rate_waited));
+                    }
+                    tracing::info!(
+                        integration = %self.key.integration,
+                        endpoint = endpoint.template(),
+                        retry_after_ms = retry_after.as_millis() as u64,
+                        "Notion rate limited the integration; pausing it."
+                    );
+                    self.budget.pause(&self.key, retry_after).await;
+                }
+                FailureClass::Transient if transient_failures < self.max_transient_retries => {
+                    transient_failures += 1;
+                    let backoff = backoff(transient_failures);
+                    tracing::warn!(
+                        integration = %self.key.integration,
+                        endpoint = endpoint.template(),
+                        %error,
+                        attempt = transient_failures,
+                        backoff_ms = backoff.as_millis() as u64,
+                        "Transient Notion failure; retrying in place."
+                    );
+                    tokio::time::sleep(backoff).await;
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: uniform in [0, min(10 s, 250 ms · 2^n)].
+fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_millis(250u64.saturating_mul(1u64 << attempt.min(8))).min(Duration::from_secs(10));
+    let millis = rand::rng().random_range(0..=cap.as_millis() as u64);
+    Duration::from_millis(millis.max(50))
+}

@@ -1,0 +1,153 @@
+//! The parts of Notion's objects that a sync reads. Property values stay raw JSON: they are
+//! stored as they come, and their shapes are Notion's to change.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RichText {
+    #[serde(default)]
+    pub plain_text: String,
+}
+
+/// Joins a rich-text array into plain text (titles).
+pub fn plain_text(parts: &[RichText]) -> String {
+    parts.iter().map(|p| p.plain_text.as_str()).collect()
+}
+
+/// `GET /v1/databases/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseObject {
+    pub id: Uuid,
+    #[serde(default)]
+    pub title: Vec<RichText>,
+    /// Present from 2025-09-03 on.
+    #[serde(default)]
+    pub data_sources: Vec<DataSourceRef>,
+    /// Present under 2022-06-28.
+    #[serde(default)]
+    pub properties: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DataSourceRef {
+    pub id: Uuid,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// `GET /v1/data_sources/{id}`: the schema.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DataSourceObject {
+    pub id: Uuid,
+    #[serde(default)]
+    pub title: Vec<RichText>,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+}
+
+/// A paginated list (`query`, `search`, property items…). Results stay raw so that one odd
+/// object cannot fail the whole response.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListResponse {
+    #[serde(default)]
+    pub results: Vec<Value>,
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+    #[serde(default)]
+    pub has_more: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct UserRef {
+    pub id: Uuid,
+}
+
+/// A page (a database row).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Page {
+    pub id: Uuid,
+    pub created_time: DateTime<Utc>,
+    pub last_edited_time: DateTime<Utc>,
+    #[serde(default)]
+    pub created_by: Option<UserRef>,
+    #[serde(default)]
+    pub last_edited_by: Option<UserRef>,
+    #[serde(default)]
+    pub archived: bool,
+    #[serde(default)]
+    pub in_trash: bool,
+    /// 2026-03-11 and later.
+    #[serde(default)]
+    pub is_archived: Option<bool>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub icon: Option<Value>,
+    #[serde(default)]
+    pub cover: Option<Value>,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+}
+
+impl Page {
+    /// Archived under any API version: `archived` (old) or `is_archived` (2026-03-11).
+    pub fn is_archived(&self) -> bool {
+        self.is_archived.unwrap_or(self.archived)
+    }
+}
+
+/// The body of `POST /v1/data_sources/{id}/query`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueryRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Value>,
+    pub sorts: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_cursor: Option<String>,
+    pub page_size: u8,
+}
+
+/// The two timestamps a sync can order and filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timestamp {
+    CreatedTime,
+    LastEditedTime,
+}
+
+impl Timestamp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Timestamp::CreatedTime => "created_time",
+            Timestamp::LastEditedTime => "last_edited_time",
+        }
+    }
+
+    pub fn of(self, page: &Page) -> DateTime<Utc> {
+        match self {
+            Timestamp::CreatedTime => page.created_time,
+            Timestamp::LastEditedTime => page.last_edited_time,
+        }
+    }
+}
+
+impl QueryRequest {
+    /// Ascending by `timestamp`, optionally from `on_or_after` (inclusive; Notion is minute-granular).
+    pub fn ascending(timestamp: Timestamp, on_or_after: Option<DateTime<Utc>>, page_size: u8) -> Self {
+        let field = timestamp.as_str();
+        let filter = on_or_after.map(|t| {
+            serde_json::json!({
+                "timestamp": field,
+                field: {"on_or_after": t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)}
+            })
+        });
+        Self {
+            filter,
+            sorts: vec![serde_json::json!({"timestamp": field, "direction": "ascending"})],
+            start_cursor: None,
+            page_size,
+        }
+    }
+}
