@@ -1,1 +1,4 @@
-//! placeholder
+//! Test support for syncfleet: `notion-sim` (a Notion API double) and the end-to-end harness.
+
+pub mod harness;
+pub mod sim;

@@ -1,0 +1,235 @@
+//! `/_sim/…`: the admin API that tests, benchmarks and the demo use to observe and steer the
+//! simulator. It needs no token and is never rate limited.
+
+use axum::body::Bytes;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::data::{self, ApiVersion, Rng, SimPage, floor_minute};
+use super::server::{Fault, Runtime, SimState};
+
+fn ok(v: Value) -> Response {
+    (StatusCode::OK, axum::Json(v)).into_response()
+}
+
+fn err(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+fn param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, Response> {
+    let raw: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(raw).map_err(|e| err(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))
+}
+
+pub fn handle(state: &SimState, method: &Method, path: &str, query: Option<&str>, bytes: &Bytes) -> Response {
+    let result = match (method.as_str(), path.trim_end_matches('/')) {
+        ("GET", "stats") => Ok(stats(state)),
+        ("POST", "stats/reset") => {
+            state.reset_stats();
+            Ok(ok(json!({"reset": true})))
+        }
+        ("GET", "requests") => Ok(requests(state, query)),
+        ("GET", "info") => Ok(info(state)),
+        ("GET", "export") => export(state, query),
+        ("POST", "mutate") => body(bytes).and_then(|m| mutate(state, m)),
+        ("POST", "faults") => body::<Fault>(bytes).map(|f| {
+            state.push_fault(f);
+            ok(json!({"queued": true}))
+        }),
+        ("POST", "invalidate-cursors") => Ok(ok(json!({"invalidated": state.invalidate_cursors()}))),
+        ("POST", "config") => body::<RuntimePatch>(bytes).map(|p| {
+            let mut r = state.runtime();
+            if let Some(v) = p.rate { r.rate = v; }
+            if let Some(v) = p.burst { r.burst = v.max(1); }
+            if let Some(v) = p.latency_ms { r.latency_ms = v; }
+            if let Some(v) = p.jitter_ms { r.jitter_ms = v; }
+            state.set_runtime(r);
+            ok(json!({"rate": r.rate, "burst": r.burst, "latency_ms": r.latency_ms, "jitter_ms": r.jitter_ms}))
+        }),
+        _ => Err(err(StatusCode::NOT_FOUND, format!("no admin route {method} /_sim/{path}"))),
+    };
+    result.unwrap_or_else(|r| r)
+}
+
+#[derive(Deserialize)]
+struct RuntimePatch {
+    rate: Option<f64>,
+    burst: Option<u32>,
+    latency_ms: Option<u64>,
+    jitter_ms: Option<u64>,
+}
+
+fn stats(state: &SimState) -> Response {
+    let stats = state.stats();
+    let mut v = serde_json::to_value(&*stats).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.insert("uptime_ms".into(), json!(state.started.elapsed().as_millis() as u64));
+        let r: Runtime = state.runtime();
+        map.insert("rate".into(), json!(r.rate));
+        map.insert("burst".into(), json!(r.burst));
+    }
+    ok(v)
+}
+
+fn requests(state: &SimState, query: Option<&str>) -> Response {
+    let since: f64 = param(query, "since_ms").and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    let stats = state.stats();
+    let entries: Vec<&_> = stats.log.iter().filter(|e| e.t_ms >= since).collect();
+    ok(json!({"now_ms": state.started.elapsed().as_secs_f64() * 1000.0, "entries": entries}))
+}
+
+fn info(state: &SimState) -> Response {
+    let ws = state.read();
+    let dbs: Vec<Value> = ws
+        .databases
+        .iter()
+        .map(|db| {
+            json!({"id": db.id, "data_source_id": db.data_source_id, "title": db.title,
+                   "pages": db.pages.len(), "live_pages": db.pages.iter().filter(|p| !p.in_trash).count()})
+        })
+        .collect();
+    ok(json!({"seed": ws.seed, "databases": dbs, "tokens": state.tokens.len()}))
+}
+
+/// The ground truth: every page with its id, timestamps, trash flag and properties exactly as a
+/// `2025-09-03` page object shows them.
+fn export(state: &SimState, query: Option<&str>) -> Result<Response, Response> {
+    let only: Option<Uuid> = match param(query, "database_id") {
+        None => None,
+        Some(s) => Some(Uuid::parse_str(&s).map_err(|_| err(StatusCode::BAD_REQUEST, "database_id is not a UUID"))?),
+    };
+    let ws = state.read();
+    let mut out = Vec::new();
+    for db in ws.databases.iter().filter(|d| only.is_none_or(|id| id == d.id)) {
+        let pages: Vec<Value> = db
+            .pages
+            .iter()
+            .map(|p| {
+                let obj = data::page_object(&ws, db, p, ApiVersion::V2025, None);
+                json!({"id": p.id, "created_time": data::iso(p.created), "last_edited_time": data::iso(p.last_edited),
+                       "in_trash": p.in_trash, "archived": p.in_trash, "properties": obj["properties"]})
+            })
+            .collect();
+        out.push(json!({"id": db.id, "data_source_id": db.data_source_id, "title": db.title, "pages": pages}));
+    }
+    if only.is_some() && out.is_empty() {
+        return Err(err(StatusCode::NOT_FOUND, "no such database"));
+    }
+    Ok(ok(json!({"databases": out})))
+}
+
+#[derive(Deserialize, Default)]
+struct Mutation {
+    database_id: Option<Uuid>,
+    #[serde(default)]
+    edit: usize,
+    #[serde(default)]
+    create: usize,
+    #[serde(default)]
+    trash: usize,
+    #[serde(default)]
+    restore: usize,
+    #[serde(default)]
+    edit_ids: Vec<Uuid>,
+    #[serde(default)]
+    trash_ids: Vec<Uuid>,
+    #[serde(default)]
+    restore_ids: Vec<Uuid>,
+}
+
+/// Edits, creates, trashes or restores pages. An edit bumps `last_edited_time` to the current
+/// minute and changes the page's values; random picks are deterministic per seed and call.
+fn mutate(state: &SimState, m: Mutation) -> Result<Response, Response> {
+    let now = floor_minute(chrono::Utc::now().timestamp());
+    let mut ws = state.write();
+    ws.mutations += 1;
+    let mut rng = Rng::new(&[ws.seed, ws.mutations, 0x3D]);
+    let users = ws.users.clone();
+    let d = match m.database_id {
+        None => 0,
+        Some(id) => ws
+            .databases
+            .iter()
+            .position(|db| db.id == id)
+            .ok_or_else(|| err(StatusCode::NOT_FOUND, "no such database"))?,
+    };
+    if ws.databases.is_empty() {
+        return Err(err(StatusCode::NOT_FOUND, "the simulator has no databases"));
+    }
+    let pick = |db: &data::SimDatabase, rng: &mut Rng, n: usize, trashed: bool| -> Vec<usize> {
+        let pool: Vec<usize> = (0..db.pages.len()).filter(|&i| db.pages[i].in_trash == trashed).collect();
+        let mut chosen = std::collections::BTreeSet::new();
+        let n = n.min(pool.len());
+        while chosen.len() < n {
+            chosen.insert(pool[rng.below(pool.len() as u64) as usize]);
+        }
+        chosen.into_iter().collect()
+    };
+    let mut edited = Vec::new();
+    let mut trashed = Vec::new();
+    let mut restored = Vec::new();
+    let mut created = Vec::new();
+    let mut new_index = Vec::new();
+    {
+        let db = &mut ws.databases[d];
+        let by_ids = |db: &data::SimDatabase, ids: &[Uuid]| -> Result<Vec<usize>, Response> {
+            ids.iter()
+                .map(|id| db.by_id.get(id).copied().ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no page {id}"))))
+                .collect()
+        };
+        let mut to_edit = by_ids(db, &m.edit_ids)?;
+        to_edit.extend(pick(db, &mut rng, m.edit, false));
+        let mut to_trash = by_ids(db, &m.trash_ids)?;
+        to_trash.extend(pick(db, &mut rng, m.trash, false));
+        let mut to_restore = by_ids(db, &m.restore_ids)?;
+        to_restore.extend(pick(db, &mut rng, m.restore, true));
+        for i in to_edit {
+            let p = &mut db.pages[i];
+            p.version += 1;
+            p.last_edited = now.max(p.created);
+            p.last_edited_by = users[rng.below(users.len() as u64) as usize];
+            edited.push(p.id);
+        }
+        for i in to_trash {
+            let p = &mut db.pages[i];
+            p.in_trash = true;
+            p.last_edited = now.max(p.created);
+            trashed.push(p.id);
+        }
+        for i in to_restore {
+            let p = &mut db.pages[i];
+            p.in_trash = false;
+            p.last_edited = now.max(p.created);
+            restored.push(p.id);
+        }
+        for _ in 0..m.create {
+            let seq = db.pages.len() as u64;
+            let page = SimPage {
+                id: rng.uuid(),
+                seq,
+                created: now,
+                last_edited: now,
+                version: 0,
+                in_trash: false,
+                created_by: users[rng.below(users.len() as u64) as usize],
+                last_edited_by: users[rng.below(users.len() as u64) as usize],
+            };
+            db.by_id.insert(page.id, db.pages.len());
+            created.push(page.id);
+            new_index.push(page.id);
+            db.pages.push(page);
+        }
+        db.revision += 1;
+    }
+    for id in new_index {
+        ws.page_index.insert(id, d);
+    }
+    Ok(ok(json!({"edited": edited, "created": created, "trashed": trashed, "restored": restored})))
+}
