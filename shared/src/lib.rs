@@ -7,10 +7,11 @@ pub mod budget;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod hashing;
 pub mod job;
 pub mod notion;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use config::Settings;
+pub use config::{ConfigError, Settings};

@@ -9,9 +9,11 @@ use crate::config::{LogFormat, Settings};
 
 /// Installs the global subscriber. Calling it twice is harmless (the second call is ignored).
 pub fn init(settings: &Settings) {
-    let default = if settings.log_level.is_empty() { "info" } else { settings.log_level.as_str() };
+    let level = if settings.log_level.is_empty() { "info" } else { settings.log_level.as_str() };
+    // The SQL drivers log every statement at info; keep them to warnings unless asked.
+    let default = format!("{level},sqlx=warn,sea_orm=warn,sea_orm_migration=warn,lapin=warn");
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default))
+        .or_else(|_| EnvFilter::try_new(&default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match settings.log_format {

@@ -1,1 +1,51 @@
-fn main() {}
+//! `syncfleet-worker`: settings → telemetry → build → run until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use syncfleet_shared::{Settings, shutdown, telemetry};
+use syncfleet_worker::Worker;
+
+#[derive(Parser, Debug)]
+#[command(name = "syncfleet-worker", version, about = "Consumes syncfleet jobs and mirrors Notion into PostgreSQL")]
+struct Args {
+    /// Jobs run at once (also the AMQP prefetch); overrides SYNCFLEET_WORKER__CONCURRENCY.
+    #[arg(long)]
+    concurrency: Option<u16>,
+    /// A TOML settings file (also SYNCFLEET_CONFIG).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut settings = match Settings::load(args.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("syncfleet-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(c) = args.concurrency {
+        settings.worker.concurrency = c;
+        if let Err(e) = settings.validate() {
+            eprintln!("syncfleet-worker: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    telemetry::init(&settings);
+    let result = match Worker::build(settings).await {
+        Ok(worker) => worker.run_until(shutdown::signal()).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "syncfleet-worker stopped with an error.");
+            eprintln!("syncfleet-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

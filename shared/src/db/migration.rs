@@ -18,8 +18,13 @@ impl MigratorTrait for Migrator {
 mod m20261122_000001_init {
     use sea_orm_migration::prelude::*;
 
-    #[derive(DeriveMigrationName)]
     pub struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m20261122_000001_init"
+        }
+    }
 
     const UP: &str = r#"
 CREATE TABLE integrations (

@@ -1,0 +1,127 @@
+//! `syncfleet-producer database add`: reads the database and its data source from Notion (under
+//! the integration's rate budget) and stores the detected schema.
+
+use anyhow::{Context, anyhow, bail};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{EntityTrait, Set};
+use serde_json::Value;
+use syncfleet_shared::Settings;
+use syncfleet_shared::budget::{Budget, BudgetKey};
+use syncfleet_shared::db::entities::{integration, notion_database};
+use syncfleet_shared::notion::types::{DataSourceObject, DatabaseObject, plain_text};
+use syncfleet_shared::notion::{Endpoint, NotionClient, NotionSession};
+use uuid::Uuid;
+
+pub async fn add(
+    settings: &Settings,
+    integration_slug: &str,
+    id: Uuid,
+    data_source: Option<Uuid>,
+    interval_secs: Option<u32>,
+) -> anyhow::Result<()> {
+    let db = syncfleet_shared::db::connect(&settings.database).await?;
+    let integ = integration::Entity::find_by_id(integration_slug.to_string())
+        .one(&db)
+        .await?
+        .ok_or_else(|| anyhow!("integration {integration_slug} is not registered (run `integration add` first)"))?;
+    let token = settings.token_cipher()?.decrypt(&integ.token_encrypted)?;
+    let key = BudgetKey { integration: integ.slug.clone(), rate: integ.rate_per_second, burst: integ.burst.max(1) as u32 };
+    let session = NotionSession::new(NotionClient::new(&settings.notion)?, token, Budget::local(), key, &settings.notion);
+
+    let database: DatabaseObject = session
+        .request::<(), _>(Endpoint::RetrieveDatabase, &format!("/v1/databases/{id}"), None)
+        .await
+        .context("reading the database from Notion")?
+        .body;
+    let source_id = match data_source {
+        Some(ds) => {
+            if !database.data_sources.iter().any(|d| d.id == ds) {
+                bail!("database {id} has no data source {ds}");
+            }
+            ds
+        }
+        None => {
+            let first = database.data_sources.first().ok_or_else(|| {
+                anyhow!("database {id} lists no data sources (is notion.version 2025-09-03 or later?)")
+            })?;
+            if database.data_sources.len() > 1 {
+                eprintln!("database has {} data sources; mirroring the first ({}); pick another with --data-source", database.data_sources.len(), first.id);
+            }
+            first.id
+        }
+    };
+    let source: DataSourceObject = session
+        .request::<(), _>(Endpoint::RetrieveDataSource, &format!("/v1/data_sources/{source_id}"), None)
+        .await
+        .context("reading the data source schema from Notion")?
+        .body;
+    let title = plain_text(&database.title);
+    let schema = Value::Object(source.properties);
+    let schema_hash = syncfleet_shared::hashing::json_hash(&schema);
+    let now = chrono::Utc::now();
+    let model = notion_database::ActiveModel {
+        id: Set(id),
+        integration: Set(integ.slug.clone()),
+        data_source_id: Set(source_id),
+        title: Set(title.clone()),
+        slug: Set(slug_for(&title, id)),
+        schema: Set(schema),
+        schema_hash: Set(schema_hash),
+        sync_interval_secs: Set(interval_secs.map(|s| s.min(i32::MAX as u32) as i32)),
+        watermark: Set(None),
+        fence: Set(0),
+        last_success_at: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    };
+    notion_database::Entity::insert(model)
+        .on_conflict(
+            OnConflict::column(notion_database::Column::Id)
+                .update_columns([
+                    notion_database::Column::Integration,
+                    notion_database::Column::DataSourceId,
+                    notion_database::Column::Title,
+                    notion_database::Column::Schema,
+                    notion_database::Column::SchemaHash,
+                    notion_database::Column::SyncIntervalSecs,
+                    notion_database::Column::UpdatedAt,
+                ])
+                .to_owned(),
+        )
+        .exec(&db)
+        .await
+        .context("saving the database")?;
+    println!("database {id} ({title:?}) registered with data source {source_id}");
+    Ok(())
+}
+
+/// A SQL-safe, unique name: the title folded to `[a-z0-9_]`, plus the id's first 8 hex digits.
+pub fn slug_for(title: &str, id: Uuid) -> String {
+    let mut out = String::new();
+    for c in title.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+        if out.len() >= 40 {
+            break;
+        }
+    }
+    let base = out.trim_matches('_');
+    let short = &id.simple().to_string()[..8];
+    if base.is_empty() { format!("db_{short}") } else { format!("{base}_{short}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_are_sql_safe() {
+        let id = Uuid::nil();
+        assert_eq!(slug_for("Projects 1", id), "projects_1_00000000");
+        assert_eq!(slug_for("\"; DROP TABLE x; --", id), "drop_table_x_00000000");
+        assert_eq!(slug_for("名前 🚀", id), "db_00000000");
+    }
+}

@@ -1,0 +1,7 @@
+//! One module per CLI command.
+
+pub mod database;
+pub mod enqueue;
+pub mod integration;
+pub mod migrate;
+pub mod status;

@@ -1,0 +1,227 @@
+//! The page loop of one sync run.
+//!
+//! A reader pages through `POST /v1/data_sources/{id}/query` (100 rows a request) while a writer
+//! upserts the previous response in its own transaction, together with the run's counters and
+//! checkpoint. The channel between them holds one response, so memory stays flat however large
+//! the database, and Notion's latency overlaps PostgreSQL's.
+//!
+//! Resuming never uses a stored Notion cursor (they are session-scoped): a resumed run, or one
+//! whose cursor Notion rejects, restarts its query at the checkpoint's timestamp (inclusive, and
+//! minus the overlap for incremental runs). Upserts by page id make the re-read rows harmless.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use syncfleet_shared::db::entities::{notion_database, sync_run::status};
+use syncfleet_shared::db::pages::{self, PageRow};
+use syncfleet_shared::db::runs::{self, Checkpoint, RunDelta};
+use syncfleet_shared::job::SyncMode;
+use syncfleet_shared::notion::types::{ListResponse, QueryRequest, Timestamp};
+use syncfleet_shared::notion::{Endpoint, NotionError, NotionSession};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::JobFailure;
+use crate::transform::{self, InvalidPage};
+
+/// How many times one run restarts its query after Notion rejects a cursor.
+const MAX_CURSOR_RESTARTS: u32 = 5;
+
+/// Everything one run needs.
+pub struct SyncRun {
+    pub db: DatabaseConnection,
+    pub session: NotionSession,
+    pub database: notion_database::Model,
+    pub run_id: Uuid,
+    pub mode: SyncMode,
+    pub checkpoint: Option<Checkpoint>,
+    pub page_size: u8,
+    pub overlap: Duration,
+    pub fence: i64,
+    pub shutdown: CancellationToken,
+}
+
+/// Totals of a finished run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncSummary {
+    pub seen: i64,
+    pub created: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub invalid: i64,
+    pub requests: i64,
+    pub rate_limited: i64,
+}
+
+impl SyncSummary {
+    fn add(&mut self, d: &RunDelta) {
+        self.seen += d.seen;
+        self.created += d.created;
+        self.updated += d.updated;
+        self.unchanged += d.unchanged;
+        self.deleted += d.deleted;
+        self.invalid += d.invalid;
+        self.requests += d.requests;
+        self.rate_limited += d.rate_limited;
+    }
+}
+
+/// One response, parsed, on its way to the writer.
+struct Batch {
+    rows: Vec<PageRow>,
+    invalid: Vec<InvalidPage>,
+    checkpoint: Option<Checkpoint>,
+}
+
+impl SyncRun {
+    fn sort_field(&self) -> Timestamp {
+        match self.mode {
+            SyncMode::Full => Timestamp::CreatedTime,
+            SyncMode::Incremental => Timestamp::LastEditedTime,
+        }
+    }
+
+    /// Where the query starts: the checkpoint when resuming, else the watermark minus the overlap
+    /// (incremental) or the beginning (full).
+    fn start_from(&self) -> Option<DateTime<Utc>> {
+        let overlap = chrono::Duration::from_std(self.overlap).unwrap_or_default();
+        match (&self.checkpoint, self.mode) {
+            (Some(cp), SyncMode::Full) => Some(cp.sort_time),
+            (Some(cp), SyncMode::Incremental) => Some(cp.sort_time - overlap),
+            (None, SyncMode::Full) => None,
+            (None, SyncMode::Incremental) => self.database.watermark.map(|w| w - overlap),
+        }
+    }
+
+    pub async fn run(self) -> Result<SyncSummary, JobFailure> {
+        let (tx, rx) = mpsc::channel::<Batch>(1);
+        let reader = self.read_pages(tx);
+        let writer = self.write_batches(rx);
+        let (run_started, mut summary) = match tokio::join!(reader, writer) {
+            (Ok(started), Ok(summary)) => (started, summary),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
+        self.finish(run_started, &mut summary).await?;
+        Ok(summary)
+    }
+
+    /// Pages through the query and hands each response to the writer. Returns Notion's clock at
+    /// the start of the run, from which the new watermark is derived.
+    async fn read_pages(&self, tx: mpsc::Sender<Batch>) -> Result<DateTime<Utc>, JobFailure> {
+        let field = self.sort_field();
+        let path = format!("/v1/data_sources/{}/query", self.database.data_source_id);
+        // `query_from` is the filter of the current query session; `resume_from` is where a new
+        // session would start (it moves with every response, the session's filter cannot).
+        let mut query_from = self.start_from();
+        let mut resume_from = query_from;
+        let mut run_started = self.checkpoint.as_ref().map(|c| c.run_started);
+        let mut cursor: Option<String> = None;
+        let mut restarts = 0u32;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Err(JobFailure::Interrupted);
+            }
+            let mut request = QueryRequest::ascending(field, query_from, self.page_size);
+            request.start_cursor = cursor.clone();
+            let response = match self.session.request::<_, ListResponse>(Endpoint::QueryDataSource, &path, Some(&request)).await {
+                Ok(r) => r,
+                Err(NotionError::InvalidCursor) if restarts < MAX_CURSOR_RESTARTS => {
+                    restarts += 1;
+                    tracing::warn!(restarts, "Notion rejected the cursor; restarting the query from the last position.");
+                    cursor = None;
+                    query_from = resume_from;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let started = *run_started.get_or_insert_with(|| response.server_time.unwrap_or_else(Utc::now));
+            let list = response.body;
+            let (pages, invalid) = transform::parse_results(list.results);
+            let last = pages.iter().max_by_key(|p| (field.of(p), p.id)).map(|p| (field.of(p), p.id));
+            let checkpoint = last.map(|(sort_time, page_id)| Checkpoint { sort_time, page_id, run_started: started });
+            if let Some((sort_time, _)) = last {
+                // A restarted query resumes here; it is inclusive, so nothing is skipped.
+                resume_from = Some(match self.mode {
+                    SyncMode::Full => sort_time,
+                    SyncMode::Incremental => {
+                        sort_time - chrono::Duration::from_std(self.overlap).unwrap_or_default()
+                    }
+                });
+            }
+            let rows = pages.into_iter().map(transform::to_row).collect();
+            if tx.send(Batch { rows, invalid, checkpoint }).await.is_err() {
+                // The writer failed; its error is the one reported.
+                return Ok(started);
+            }
+            match (list.has_more, list.next_cursor) {
+                (true, Some(next)) => cursor = Some(next),
+                _ => return Ok(started),
+            }
+        }
+    }
+
+    /// Commits each batch with its counters and checkpoint.
+    async fn write_batches(&self, mut rx: mpsc::Receiver<Batch>) -> Result<SyncSummary, JobFailure> {
+        let mut summary = SyncSummary::default();
+        let stamp_seen = self.mode == SyncMode::Full;
+        while let Some(batch) = rx.recv().await {
+            for bad in &batch.invalid {
+                tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "Skipping a page that failed validation.");
+            }
+            let txn = self.db.begin().await?;
+            let counts =
+                pages::upsert_batch(&txn, self.database.id, self.run_id, self.fence, stamp_seen, &batch.rows).await?;
+            let (requests, rate_limited) = self.session.stats().take();
+            let delta = RunDelta {
+                requests: requests as i64,
+                rate_limited: rate_limited as i64,
+                seen: batch.rows.len() as i64,
+                created: counts.created,
+                updated: counts.updated,
+                unchanged: counts.unchanged,
+                deleted: 0,
+                invalid: batch.invalid.len() as i64,
+            };
+            runs::record_progress(&txn, self.run_id, &delta, batch.checkpoint.as_ref()).await?;
+            txn.commit().await?;
+            summary.add(&delta);
+        }
+        Ok(summary)
+    }
+
+    /// Marks deletions (full runs), moves the watermark and records success, in one transaction.
+    async fn finish(&self, run_started: DateTime<Utc>, summary: &mut SyncSummary) -> Result<(), JobFailure> {
+        let txn = self.db.begin().await?;
+        let deleted = match self.mode {
+            SyncMode::Full => pages::mark_unseen_deleted(&txn, self.database.id, self.run_id).await? as i64,
+            SyncMode::Incremental => 0,
+        };
+        let (requests, rate_limited) = self.session.stats().take();
+        let delta = RunDelta {
+            requests: requests as i64,
+            rate_limited: rate_limited as i64,
+            deleted,
+            ..RunDelta::default()
+        };
+        runs::record_progress(&txn, self.run_id, &delta, None).await?;
+        // Everything edited before the run started has been read; edits after it carry a
+        // (minute-rounded) time at or after it, which the next run's overlap covers.
+        let overlap = chrono::Duration::from_std(self.overlap).unwrap_or_default();
+        let watermark = run_started - overlap;
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE notion_databases SET watermark = GREATEST(COALESCE(watermark, '-infinity'::timestamptz), $2), \
+                 last_success_at = now(), updated_at = now() WHERE id = $1",
+            [self.database.id.into(), watermark.into()],
+        ))
+        .await?;
+        let final_status = if summary.invalid > 0 { status::PARTIAL } else { status::SUCCEEDED };
+        runs::set_status(&txn, self.run_id, final_status, None).await?;
+        txn.commit().await?;
+        summary.add(&delta);
+        Ok(())
+    }
+}
