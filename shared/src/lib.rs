@@ -10,6 +10,7 @@ pub mod db;
 pub mod hashing;
 pub mod job;
 pub mod notion;
+pub mod redis_pool;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,1 +1,291 @@
-//! harness
+//! The end-to-end harness: every test gets its own PostgreSQL database, its own RabbitMQ names,
+//! its own Redis key prefix and its own `notion-sim`, so tests run in parallel against the real
+//! servers. Workers run in-process or as real `syncfleet-worker` processes.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait};
+use secrecy::{ExposeSecret, SecretString};
+use syncfleet_shared::Settings;
+use syncfleet_shared::amqp::{self, Topology};
+use syncfleet_shared::config::RetryTier;
+use syncfleet_shared::crypto::TokenCipher;
+use syncfleet_shared::db::entities::sync_run;
+use syncfleet_shared::job::{Priority, Reason, SyncDatabaseJob, SyncMode};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use crate::sim::{SimConfig, SimServer};
+
+/// Where the local services are; override with `SYNCFLEET_TEST_*` variables.
+pub fn admin_pg_url() -> String {
+    std::env::var("SYNCFLEET_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// One test's private world.
+pub struct TestEnv {
+    pub name: String,
+    pub settings: Settings,
+    pub db: DatabaseConnection,
+    pub sim: SimServer,
+    pub token: String,
+    workers: Vec<Child>,
+}
+
+impl TestEnv {
+    /// Creates and migrates a fresh database and starts a simulator with `sim`.
+    pub async fn start(sim: SimConfig) -> anyhow::Result<Self> {
+        let name = format!("sft_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let token = sim.tokens.first().cloned().unwrap_or_default();
+        let sim = SimServer::start(sim, "127.0.0.1:0".parse()?).await?;
+        let mut settings = Settings::default();
+        settings.database.url = SecretString::from(format!("{}/{name}", admin_pg_url()));
+        settings.database.max_connections = 5;
+        settings.amqp.prefix = name.clone();
+        settings.amqp.retry_tiers = vec![
+            RetryTier { name: "1s".into(), delay_ms: 1000 },
+            RetryTier { name: "2s".into(), delay_ms: 2000 },
+        ];
+        settings.redis.key_prefix = name.clone();
+        settings.notion.base_url = sim.base_url();
+        settings.notion.timeout_secs = 10;
+        settings.encryption_key = Some(TokenCipher::generate_key());
+        settings.worker.shutdown_grace_secs = 15;
+        syncfleet_shared::db::migrate(&settings.database).await.context("migrating the test database")?;
+        let db = syncfleet_shared::db::connect(&settings.database).await?;
+        Ok(Self { name, settings, db, sim, token, workers: Vec::new() })
+    }
+
+    pub fn sim_url(&self) -> String {
+        self.sim.base_url()
+    }
+
+    /// `SYNCFLEET_*` variables that give a child process this test's settings.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        let tiers = s
+            .amqp
+            .retry_tiers
+            .iter()
+            .map(|t| format!("{{name=\"{}\",delay_ms={}}}", t.name, t.delay_ms))
+            .collect::<Vec<_>>()
+            .join(",");
+        vec![
+            ("SYNCFLEET_DATABASE__URL".into(), s.database.url.expose_secret().to_string()),
+            ("SYNCFLEET_DATABASE__MAX_CONNECTIONS".into(), s.database.max_connections.to_string()),
+            ("SYNCFLEET_AMQP__PREFIX".into(), s.amqp.prefix.clone()),
+            ("SYNCFLEET_AMQP__RETRY_TIERS".into(), format!("[{tiers}]")),
+            ("SYNCFLEET_REDIS__KEY_PREFIX".into(), s.redis.key_prefix.clone()),
+            ("SYNCFLEET_NOTION__BASE_URL".into(), s.notion.base_url.clone()),
+            ("SYNCFLEET_NOTION__TIMEOUT_SECS".into(), s.notion.timeout_secs.to_string()),
+            (
+                "SYNCFLEET_ENCRYPTION_KEY".into(),
+                s.encryption_key.as_ref().map(|k| k.expose_secret().to_string()).unwrap_or_default(),
+            ),
+            ("SYNCFLEET_WORKER__SHUTDOWN_GRACE_SECS".into(), s.worker.shutdown_grace_secs.to_string()),
+        ]
+    }
+
+    /// Registers integration `slug` with this simulator's first token and the simulator's
+    /// database number `index`; returns the database id.
+    pub async fn register(&self, slug: &str, rate: f64, burst: u32, index: usize) -> anyhow::Result<Uuid> {
+        syncfleet_producer::commands::integration::save(
+            &self.settings,
+            slug,
+            None,
+            Some(rate),
+            Some(burst),
+            &SecretString::from(self.token.clone()),
+        )
+        .await?;
+        let id = self.sim.state.read().databases.get(index).map(|d| d.id).ok_or_else(|| anyhow!("no database {index}"))?;
+        syncfleet_producer::commands::database::add(&self.settings, slug, id, None, None).await?;
+        Ok(id)
+    }
+
+    /// Publishes a job the way the producer does; returns the job (run) id.
+    pub async fn enqueue(&self, integration: &str, database_id: Uuid, mode: SyncMode) -> anyhow::Result<Uuid> {
+        let publisher = syncfleet_producer::publish::JobPublisher::connect(&self.settings).await?;
+        let data =
+            SyncDatabaseJob { integration: integration.into(), database_id, mode, priority: Priority::Normal, reason: Reason::Manual };
+        Ok(publisher.publish(&self.db, "urn:syncfleet:test", data).await?.id)
+    }
+
+    /// Starts a `syncfleet-worker` process with this test's settings; output goes to a log file.
+    pub fn spawn_worker(&mut self, concurrency: u16) -> anyhow::Result<u32> {
+        let child = self.worker_command(concurrency)?.spawn().context("starting syncfleet-worker")?;
+        let pid = child.id().ok_or_else(|| anyhow!("worker exited at once"))?;
+        self.workers.push(child);
+        Ok(pid)
+    }
+
+    /// The command that starts a worker (for tests that want its output).
+    pub fn worker_command(&self, concurrency: u16) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(binary("syncfleet-worker")?);
+        cmd.arg("--concurrency").arg(concurrency.to_string());
+        cmd.envs(self.env_vars());
+        cmd.env("SYNCFLEET_LOG_LEVEL", "info");
+        cmd.env_remove("RUST_LOG");
+        cmd.stdout(Stdio::null());
+        cmd.stderr(Stdio::from(log_file(&self.name)?));
+        cmd.kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// Sends `signal` to a worker started by [`spawn_worker`](Self::spawn_worker).
+    pub fn signal_worker(&self, pid: u32, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits for a worker process to exit; returns its exit code.
+    pub async fn wait_worker_exit(&mut self, pid: u32, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let index = self.workers.iter().position(|c| c.id() == Some(pid)).ok_or_else(|| anyhow!("unknown worker {pid}"))?;
+        let mut child = self.workers.remove(index);
+        let status = tokio::time::timeout(timeout, child.wait()).await.context("worker did not exit in time")??;
+        Ok(status.code())
+    }
+
+    /// Waits until the run is final (or `timeout`), returning its row.
+    pub async fn wait_run(&self, run_id: Uuid, timeout: Duration) -> anyhow::Result<sync_run::Model> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(run) = sync_run::Entity::find_by_id(run_id).one(&self.db).await?
+                && sync_run::status::is_final(&run.status)
+            {
+                return Ok(run);
+            }
+            if Instant::now() > deadline {
+                let run = sync_run::Entity::find_by_id(run_id).one(&self.db).await?;
+                bail!("run {run_id} not final after {timeout:?}: {run:?}\nworker log: {}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `check` holds for the run row.
+    pub async fn wait_run_until(
+        &self,
+        run_id: Uuid,
+        timeout: Duration,
+        check: impl Fn(&sync_run::Model) -> bool,
+    ) -> anyhow::Result<sync_run::Model> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(run) = sync_run::Entity::find_by_id(run_id).one(&self.db).await?
+                && check(&run)
+            {
+                return Ok(run);
+            }
+            if Instant::now() > deadline {
+                bail!("run {run_id}: condition not met after {timeout:?}\nworker log: {}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Compares PostgreSQL with the simulator's export for one database.
+    pub async fn verify(&self, database_id: Uuid) -> anyhow::Result<crate::verify::Report> {
+        crate::verify::compare(&self.db, &self.sim_url(), database_id).await
+    }
+
+    /// Simulator stats as JSON.
+    pub async fn sim_stats(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(reqwest::get(format!("{}/_sim/stats", self.sim_url())).await?.json().await?)
+    }
+
+    /// POSTs to a simulator admin endpoint.
+    pub async fn sim_admin(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let response = reqwest::Client::new().post(format!("{}/_sim/{path}", self.sim_url())).json(&body).send().await?;
+        Ok(response.error_for_status()?.json().await?)
+    }
+
+    /// Takes every message from the dead-letter queue: (reason header, body).
+    pub async fn drain_dead_letters(&self) -> anyhow::Result<Vec<(Option<String>, Vec<u8>)>> {
+        let conn = amqp::connect(&self.settings.amqp, "syncfleet-test").await?;
+        let channel = conn.create_channel().await?;
+        let queue = Topology::new(&self.settings.amqp).dead_queue();
+        let mut out = Vec::new();
+        while let Some(msg) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await? {
+            let reason = amqp::header_str(&msg.delivery.properties, syncfleet_shared::job::DEAD_REASON_HEADER);
+            out.push((reason, msg.delivery.data.clone()));
+        }
+        let _ = conn.close(200, "done".into()).await;
+        Ok(out)
+    }
+
+    /// The end of this test's worker log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(log_path(&self.name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The whole worker log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(log_path(&self.name)).unwrap_or_default()
+    }
+
+    /// Stops workers and the simulator, deletes the queues and drops the database.
+    pub async fn cleanup(mut self) {
+        for child in &mut self.workers {
+            let _ = child.kill().await;
+        }
+        self.sim.stop().await;
+        if let Ok(conn) = amqp::connect(&self.settings.amqp, "syncfleet-test-cleanup").await
+            && let Ok(channel) = conn.create_channel().await
+        {
+            let t = Topology::new(&self.settings.amqp);
+            let mut queues = vec![t.jobs_queue(), t.dead_queue()];
+            queues.extend(t.tiers().iter().map(|tier| t.retry_queue(tier)));
+            for q in queues {
+                let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+            for x in [t.jobs_exchange(), t.retry_exchange(), t.dead_exchange()] {
+                let _ = channel.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
+            }
+            let _ = conn.close(200, "done".into()).await;
+        }
+        self.db.clone().close().await.ok();
+        drop_database(&self.name).await;
+        let _ = std::fs::remove_file(log_path(&self.name));
+    }
+}
+
+async fn drop_database(name: &str) {
+    let admin = syncfleet_shared::config::DatabaseSettings {
+        url: SecretString::from(format!("{}/postgres", admin_pg_url())),
+        max_connections: 1,
+        connect_timeout_secs: 5,
+    };
+    if let Ok(conn) = syncfleet_shared::db::connect(&admin).await {
+        let _ = conn.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+        conn.close().await.ok();
+    }
+}
+
+fn log_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}.worker.log"))
+}
+
+fn log_file(name: &str) -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new().create(true).append(true).open(log_path(name))?)
+}
+
+/// Path of a workspace binary next to the running test executable (`target/<profile>/`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} is not built: run `cargo build --workspace --bins` first", path.display());
+    }
+    Ok(path)
+}

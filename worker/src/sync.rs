@@ -102,7 +102,16 @@ impl SyncRun {
         let writer = self.write_batches(rx);
         let (run_started, mut summary) = match tokio::join!(reader, writer) {
             (Ok(started), Ok(summary)) => (started, summary),
-            (Err(e), _) | (_, Err(e)) => return Err(e),
+            (Err(e), _) | (_, Err(e)) => {
+                // Requests made since the last committed batch still count.
+                let (requests, rate_limited) = self.session.stats().take();
+                let delta =
+                    RunDelta { requests: requests as i64, rate_limited: rate_limited as i64, ..RunDelta::default() };
+                if let Err(db_error) = runs::record_progress(&self.db, self.run_id, &delta, None).await {
+                    tracing::warn!(error = %db_error, "Could not record the failed attempt's request counts.");
+                }
+                return Err(e);
+            }
         };
         self.finish(run_started, &mut summary).await?;
         Ok(summary)

@@ -36,6 +36,8 @@ pub enum WorkerError {
     Amqp(#[from] AmqpError),
     #[error(transparent)]
     Notion(#[from] NotionError),
+    #[error(transparent)]
+    Redis(#[from] syncfleet_shared::redis_pool::RedisError),
     #[error("the RabbitMQ consumer stopped unexpectedly: {0}")]
     ConsumerLost(String),
 }
@@ -50,6 +52,8 @@ pub struct WorkerContext {
     pub cipher: Option<TokenCipher>,
     pub publisher: Publisher,
     pub topology: Topology,
+    /// Coordination state (rate budgets, locks) lives in Redis.
+    pub redis: deadpool_redis::Pool,
     pub worker_id: String,
 }
 
@@ -70,6 +74,7 @@ impl Worker {
             }
         };
         let db = db::connect(&settings.database).await?;
+        let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
         let worker_id = settings.worker.id.clone().unwrap_or_else(default_worker_id);
         let connection = amqp::connect(&settings.amqp, &format!("syncfleet-worker {worker_id}")).await?;
         let topology = Topology::new(&settings.amqp);
@@ -88,6 +93,7 @@ impl Worker {
             cipher,
             publisher,
             topology,
+            redis,
             worker_id,
         };
         Ok(Self { ctx: Arc::new(ctx), connection, channel })
@@ -197,15 +203,8 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
             }
         }
         Disposition::DeadLetter { reason } => {
-            let published = match &handled.job {
-                Some(job) => {
-                    ctx.publisher
-                        .publish_job(job, &Destination::Dead { reason: reason.clone() }, &meta(&ctx, handled.attempt, &delivery))
-                        .await
-                }
-                None => ctx.publisher.dead_letter_raw(&delivery.data, &delivery.properties, reason).await,
-            };
-            match published {
+            // The original bytes and properties are kept, so nothing is lost.
+            match ctx.publisher.dead_letter_raw(&delivery.data, &delivery.properties, reason).await {
                 Ok(()) => {
                     tracing::warn!(reason = %reason, "Job dead-lettered.");
                     ack(&delivery).await

@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use syncfleet_shared::Settings;
 use syncfleet_shared::db::entities::integration;
 
+/// `integration add`: reads the token (NOTION_TOKEN or stdin) and saves the integration.
 pub async fn add(
     settings: &Settings,
     slug: &str,
@@ -16,6 +17,19 @@ pub async fn add(
     rate: Option<f64>,
     burst: Option<u32>,
     token_stdin: bool,
+) -> anyhow::Result<()> {
+    let token = read_token(token_stdin)?;
+    save(settings, slug, workspace, rate, burst, &token).await
+}
+
+/// Registers an integration, or replaces its token and budget. The token is stored encrypted.
+pub async fn save(
+    settings: &Settings,
+    slug: &str,
+    workspace: Option<String>,
+    rate: Option<f64>,
+    burst: Option<u32>,
+    token: &SecretString,
 ) -> anyhow::Result<()> {
     if slug.is_empty() || slug.len() > 64 || !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         bail!("--slug must be 1-64 characters of [A-Za-z0-9_-]");
@@ -25,9 +39,8 @@ pub async fn add(
         bail!("--rate must be a positive number");
     }
     let burst = burst.unwrap_or(settings.sync.default_burst).max(1);
-    let token = read_token(token_stdin)?;
     let cipher = settings.token_cipher()?;
-    let encrypted = cipher.encrypt(&token)?;
+    let encrypted = cipher.encrypt(token)?;
     let db = syncfleet_shared::db::connect(&settings.database).await?;
     let now = chrono::Utc::now();
     let model = integration::ActiveModel {

@@ -30,12 +30,30 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         .max_connections(settings.max_connections.max(1))
         .min_connections(0)
         .connect_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1)))
-        .acquire_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1) * 6))
+        .acquire_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1)))
         .sqlx_logging(false);
+    probe_tcp(settings).await?;
     let db = Database::connect(options).await.map_err(|e| connect_error(settings, &e))?;
     // `connect` is lazy for some drivers; make an unreachable server fail here, clearly.
     db.execute_unprepared("SELECT 1").await.map_err(|e| connect_error(settings, &e))?;
     Ok(db)
+}
+
+/// A plain TCP connect first, so that "connection refused" is reported as such rather than as
+/// a pool timeout.
+async fn probe_tcp(settings: &DatabaseSettings) -> Result<(), DbError> {
+    let Ok(url) = url::Url::parse(settings.url.expose_secret()) else {
+        return Err(DbError::Invalid("database.url is not a URL".into()));
+    };
+    let Some(host) = url.host_str() else { return Ok(()) };
+    let port = url.port().unwrap_or(5432);
+    let timeout = Duration::from_secs(settings.connect_timeout_secs.max(1));
+    let fail = |message: String| DbError::Connect { url: settings.display_url(), message };
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail(format!("no answer within {timeout:?}"))),
+    }
 }
 
 fn connect_error(settings: &DatabaseSettings, error: &DbErr) -> DbError {

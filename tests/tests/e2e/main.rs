@@ -1,1 +1,13 @@
+//! The end-to-end suite: real PostgreSQL, RabbitMQ and Redis, and `notion-sim` over HTTP.
+//! Each test has its own database, queue names and key prefix, so they run in parallel.
 
+mod failures;
+mod full_sync;
+mod poison;
+mod shutdown;
+mod sim_conformance;
+mod startup;
+
+/// Every wait in the suite is bounded by one of these.
+pub const SHORT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const LONG: std::time::Duration = std::time::Duration::from_secs(120);

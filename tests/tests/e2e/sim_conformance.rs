@@ -1,0 +1,299 @@
+//! notion-sim follows NOTION_API.md: pagination, filters, minute rounding, 429 with Retry-After,
+//! auth, the version header, invalid cursors, and the version-specific shapes.
+
+use std::collections::HashSet;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use syncfleet_tests::sim::{SimConfig, SimServer};
+
+const TOKEN: &str = "secret_sim_token";
+
+struct Sim {
+    server: SimServer,
+    http: reqwest::Client,
+}
+
+impl Sim {
+    async fn start(pages: u64, rate: f64) -> Sim {
+        let config = SimConfig { pages, rate, burst: 3, ..SimConfig::default() };
+        let server = SimServer::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("sim starts");
+        Sim { server, http: reqwest::Client::new() }
+    }
+
+    fn info(&self) -> (String, String) {
+        let ws = self.server.state.read();
+        (ws.databases[0].id.to_string(), ws.databases[0].data_source_id.to_string())
+    }
+
+    async fn call(&self, method: &str, path: &str, version: Option<&str>, body: Option<Value>) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let url = format!("{}{}", self.server.base_url(), path);
+        let mut req = match method {
+            "POST" => self.http.post(&url),
+            _ => self.http.get(&url),
+        }
+        .bearer_auth(TOKEN);
+        if let Some(v) = version {
+            req = req.header("Notion-Version", v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    async fn query(&self, ds: &str, body: Value) -> (StatusCode, Value) {
+        let (s, _, b) = self.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2025-09-03"), Some(body)).await;
+        (s, b)
+    }
+
+    /// Every page of a query, following cursors.
+    async fn query_all(&self, ds: &str, mut body: Value) -> Vec<Value> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            let (status, page) = self.query(ds, body.clone()).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            out.extend(page["results"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) if page["has_more"] == true => body["start_cursor"] = json!(c),
+                _ => return out,
+            }
+        }
+        panic!("pagination did not end");
+    }
+}
+
+#[tokio::test]
+async fn pagination_returns_every_page_once_in_pages_of_at_most_100() {
+    let sim = Sim::start(250, 0.0).await;
+    let (_, ds) = sim.info();
+    let (status, first) = sim.query(&ds, json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["object"], "list");
+    assert_eq!(first["type"], "page_or_data_source");
+    assert_eq!(first["results"].as_array().map(Vec::len), Some(100), "default page_size is 100");
+    assert_eq!(first["has_more"], true);
+    let all = sim.query_all(&ds, json!({"page_size": 70, "sorts": [{"timestamp": "created_time", "direction": "ascending"}]})).await;
+    let ids: HashSet<&str> = all.iter().filter_map(|p| p["id"].as_str()).collect();
+    assert_eq!(all.len(), 250);
+    assert_eq!(ids.len(), 250, "no page twice");
+    let times: Vec<&str> = all.iter().filter_map(|p| p["created_time"].as_str()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "ascending by created_time");
+    let (status, body) = sim.query(&ds, json!({"page_size": 101})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "validation_error");
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn timestamps_are_rounded_down_to_the_minute_and_filters_respect_it() {
+    let sim = Sim::start(300, 0.0).await;
+    let (db, ds) = sim.info();
+    let all = sim.query_all(&ds, json!({})).await;
+    for p in &all {
+        for key in ["created_time", "last_edited_time"] {
+            let t = p[key].as_str().expect("timestamp");
+            assert!(t.ends_with(":00.000Z"), "{key} {t} is not minute-rounded");
+        }
+    }
+    // An edit right now reads as the current minute, rounded down.
+    let edited: Value = sim
+        .http
+        .post(format!("{}/_sim/mutate", sim.server.base_url()))
+        .json(&json!({"database_id": db, "edit": 1}))
+        .send()
+        .await
+        .expect("mutate")
+        .json()
+        .await
+        .expect("json");
+    let id = edited["edited"][0].as_str().expect("an edited page");
+    let (_, _, page) = sim.call("GET", &format!("/v1/pages/{id}"), Some("2025-09-03"), None).await;
+    let now = chrono::Utc::now();
+    let floor = now.format("%Y-%m-%dT%H:%M:00.000Z").to_string();
+    let edited_at = page["last_edited_time"].as_str().expect("time");
+    assert!(edited_at == floor || now.timestamp() % 60 < 2, "{edited_at} vs {floor}");
+    // `on_or_after` a time 30 s into the edit's minute misses it (the bug class the overlap
+    // exists for); `on_or_after` the minute itself finds it.
+    let minute = chrono::DateTime::parse_from_rfc3339(edited_at).expect("rfc3339");
+    let later = (minute + chrono::Duration::seconds(30)).to_rfc3339();
+    let filter = |t: String| json!({"filter": {"timestamp": "last_edited_time", "last_edited_time": {"on_or_after": t}}});
+    let hits = sim.query_all(&ds, filter(later)).await;
+    assert!(hits.iter().all(|p| p["id"] != id), "strictly later than the rounded time is excluded");
+    let hits = sim.query_all(&ds, filter(edited_at.to_string())).await;
+    assert!(hits.iter().any(|p| p["id"] == id));
+    // Every filter operator agrees with a direct computation over all pages.
+    let pivot = all[150]["created_time"].as_str().expect("pivot").to_string();
+    for (op, cmp) in [
+        ("on_or_after", (|a: &str, b: &str| a >= b) as fn(&str, &str) -> bool),
+        ("after", |a, b| a > b),
+        ("before", |a, b| a < b),
+        ("on_or_before", |a, b| a <= b),
+        ("equals", |a, b| a == b),
+    ] {
+        let body = json!({"filter": {"timestamp": "created_time", "created_time": {op: pivot}}});
+        let got = sim.query_all(&ds, body).await.len();
+        let want = all.iter().filter(|p| cmp(p["created_time"].as_str().unwrap_or_default(), &pivot)).count();
+        assert_eq!(got, want, "operator {op}");
+    }
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn over_the_rate_limit_it_answers_429_with_an_integer_retry_after() {
+    let sim = Sim::start(10, 3.0).await;
+    let (_, ds) = sim.info();
+    let mut limited = None;
+    for _ in 0..10 {
+        let (s, headers, body) =
+            sim.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2025-09-03"), Some(json!({}))).await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some((headers, body));
+            break;
+        }
+    }
+    let (headers, body) = limited.expect("a burst of 10 exceeds 3/s with burst 3");
+    assert_eq!(body["code"], "rate_limited");
+    assert_eq!(body["object"], "error");
+    assert_eq!(body["status"], 429);
+    let retry_after = headers.get("retry-after").and_then(|v| v.to_str().ok()).expect("Retry-After");
+    let secs: u64 = retry_after.parse().expect("an integer number of seconds");
+    assert!(secs >= 1);
+    let stats: Value = reqwest::get(format!("{}/_sim/stats", sim.server.base_url())).await.expect("stats").json().await.expect("json");
+    assert_eq!(stats["rate_limited_total"], 1);
+    assert_eq!(stats["per_token"]["t0"]["max_admitted_in_any_1s"], 3);
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn auth_and_the_version_header_are_required() {
+    let sim = Sim::start(5, 0.0).await;
+    let (db, _) = sim.info();
+    let url = format!("{}/v1/databases/{db}", sim.server.base_url());
+    let resp = sim.http.get(&url).bearer_auth("wrong").header("Notion-Version", "2025-09-03").send().await.expect("send");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["code"], "unauthorized");
+    let resp = sim.http.get(&url).header("Notion-Version", "2025-09-03").send().await.expect("send");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let (s, _, body) = sim.call("GET", &format!("/v1/databases/{db}"), None, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "missing_version");
+    let (s, _, body) = sim.call("GET", &format!("/v1/databases/{db}"), Some("1999-01-01"), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "validation_error");
+    let (s, _, body) = sim.call("GET", "/v1/databases/not-a-uuid", Some("2025-09-03"), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    let (s, _, body) = sim.call("GET", &format!("/v1/databases/{}", uuid::Uuid::new_v4()), Some("2025-09-03"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "object_not_found");
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn cursors_are_session_scoped_and_an_unknown_one_is_rejected() {
+    let sim = Sim::start(150, 0.0).await;
+    let (_, ds) = sim.info();
+    let (_, page) = sim.query(&ds, json!({"page_size": 100})).await;
+    let cursor = page["next_cursor"].as_str().expect("cursor").to_string();
+    let (s, body) = sim.query(&ds, json!({"start_cursor": "00000000-0000-0000-0000-000000000000"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "validation_error");
+    assert!(body["message"].as_str().unwrap_or_default().contains("start_cursor"));
+    // The same cursor with a different filter is not a continuation of that session.
+    let other = json!({"start_cursor": cursor, "filter": {"timestamp": "created_time", "created_time": {"after": "2020-01-01"}}});
+    assert_eq!(sim.query(&ds, other).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(sim.query(&ds, json!({"start_cursor": cursor})).await.0, StatusCode::OK);
+    sim.http.post(format!("{}/_sim/invalidate-cursors", sim.server.base_url())).send().await.expect("invalidate");
+    assert_eq!(sim.query(&ds, json!({"start_cursor": cursor})).await.0, StatusCode::BAD_REQUEST);
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn each_api_version_gets_its_own_shapes() {
+    let sim = Sim::start(20, 0.0).await;
+    let (db, ds) = sim.info();
+    let (_, _, new) = sim.call("GET", &format!("/v1/databases/{db}"), Some("2025-09-03"), None).await;
+    assert_eq!(new["data_sources"][0]["id"], ds.as_str());
+    assert!(new.get("properties").is_none());
+    let (_, _, old) = sim.call("GET", &format!("/v1/databases/{db}"), Some("2022-06-28"), None).await;
+    assert!(old["properties"]["Name"]["type"] == "title");
+    let (s, _, rows) = sim.call("POST", &format!("/v1/databases/{db}/query"), Some("2022-06-28"), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(rows["results"][0]["parent"]["type"], "database_id");
+    let (s, _, _) = sim.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2022-06-28"), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, _, schema) = sim.call("GET", &format!("/v1/data_sources/{ds}"), Some("2025-09-03"), None).await;
+    let types: HashSet<&str> = schema["properties"].as_object().expect("props").values().filter_map(|p| p["type"].as_str()).collect();
+    for t in ["title", "rich_text", "number", "select", "multi_select", "status", "date", "people", "relation", "checkbox", "url",
+              "email", "phone_number", "formula", "rollup", "files", "created_time", "created_by", "last_edited_time",
+              "last_edited_by", "unique_id", "verification", "button", "place"] {
+        assert!(types.contains(t), "schema lacks {t}");
+    }
+    assert!(schema["properties"].get("ü 名前 🚀").is_some());
+    let (_, _, v2026) = sim.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2026-03-11"), Some(json!({"page_size": 1}))).await;
+    let page = &v2026["results"][0];
+    assert_eq!(page["is_archived"], false);
+    assert_eq!(page["in_trash"], false);
+    assert_eq!(page["parent"]["type"], "data_source_id");
+    for (path, kind) in [("/v1/users", "user"), (&format!("/v1/blocks/{}/children", page["id"].as_str().unwrap_or_default()), "block")] {
+        let (s, _, list) = sim.call("GET", path, Some("2025-09-03"), None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(list["type"], kind);
+    }
+    let (s, _, found) = sim.call("POST", "/v1/search", Some("2025-09-03"), Some(json!({"filter": {"property": "object", "value": "data_source"}}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(found["results"][0]["object"], "data_source");
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn relations_over_25_are_truncated_in_the_page_and_complete_via_the_property_endpoint() {
+    let sim = Sim::start(600, 0.0).await;
+    let (_, ds) = sim.info();
+    let all = sim.query_all(&ds, json!({})).await;
+    let page = all.iter().find(|p| p["properties"]["Related"]["has_more"] == true).expect("a page with > 25 relations");
+    assert_eq!(page["properties"]["Related"]["relation"].as_array().map(Vec::len), Some(25));
+    let id = page["id"].as_str().expect("id");
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/pages/{id}/properties/rl%253Ft?page_size=25");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&start_cursor={c}"));
+        }
+        let (s, _, list) = sim.call("GET", &path, Some("2025-09-03"), None).await;
+        assert_eq!(s, StatusCode::OK, "{list}");
+        assert_eq!(list["property_item"]["type"], "relation");
+        items.extend(list["results"].as_array().cloned().unwrap_or_default());
+        match list["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(items.len(), 60);
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn injected_faults_and_trash_behave_like_notion() {
+    let sim = Sim::start(30, 0.0).await;
+    let (db, ds) = sim.info();
+    let admin = |p: &str| format!("{}/_sim/{p}", sim.server.base_url());
+    sim.http.post(admin("faults")).json(&json!({"status": 503, "count": 2})).send().await.expect("fault");
+    assert_eq!(sim.query(&ds, json!({})).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(sim.query(&ds, json!({})).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(sim.query(&ds, json!({})).await.0, StatusCode::OK);
+    let trashed: Value = sim.http.post(admin("mutate")).json(&json!({"database_id": db, "trash": 3})).send().await.expect("m").json().await.expect("j");
+    assert_eq!(trashed["trashed"].as_array().map(Vec::len), Some(3));
+    assert_eq!(sim.query_all(&ds, json!({})).await.len(), 27, "trashed pages leave query results");
+    let export: Value = reqwest::get(admin("export")).await.expect("export").json().await.expect("json");
+    let pages = export["databases"][0]["pages"].as_array().expect("pages");
+    assert_eq!(pages.len(), 30);
+    assert_eq!(pages.iter().filter(|p| p["in_trash"] == true).count(), 3);
+    sim.server.stop().await;
+}
