@@ -9,7 +9,11 @@ use uuid::Uuid;
 use crate::commands;
 
 #[derive(Parser, Debug)]
-#[command(name = "syncfleet-producer", version, about = "Operate syncfleet: schema, integrations, databases and sync jobs")]
+#[command(
+    name = "syncfleet-producer",
+    version,
+    about = "Operate syncfleet: schema, integrations, databases and sync jobs"
+)]
 pub struct Cli {
     /// A TOML settings file (also SYNCFLEET_CONFIG).
     #[arg(long, global = true)]

@@ -139,6 +139,25 @@ impl Topology {
         Ok(())
     }
 
+    /// Deletes every queue and exchange of this prefix (tests, demos, decommissioning).
+    pub async fn delete(&self, channel: &Channel) -> Result<(), AmqpError> {
+        let mut queues = vec![self.jobs_queue(), self.dead_queue()];
+        queues.extend(self.tiers.iter().map(|t| self.retry_queue(t)));
+        for queue in queues {
+            channel
+                .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+                .await
+                .map_err(protocol("queue.delete"))?;
+        }
+        for exchange in [self.jobs_exchange(), self.retry_exchange(), self.dead_exchange()] {
+            channel
+                .exchange_delete(exchange.into(), lapin::options::ExchangeDeleteOptions::default())
+                .await
+                .map_err(protocol("exchange.delete"))?;
+        }
+        Ok(())
+    }
+
     async fn bind(&self, channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), AmqpError> {
         channel
             .queue_bind(

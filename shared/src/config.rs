@@ -210,7 +210,8 @@ impl Settings {
             figment = figment.merge(Toml::file(path));
         }
         figment = figment.merge(Env::prefixed("SYNCFLEET_").ignore(&["config"]).split("__"));
-        let settings: Settings = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(&e)))?;
+        let settings: Settings =
+            figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(&e)))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -218,13 +219,22 @@ impl Settings {
     /// Checks values that parse but make no sense, so a bad deployment fails at start.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.worker.concurrency == 0 || self.worker.concurrency > 512 {
-            return Err(ConfigError::Invalid { key: "worker.concurrency", reason: "must be between 1 and 512".into() });
+            return Err(ConfigError::Invalid {
+                key: "worker.concurrency",
+                reason: "must be between 1 and 512".into(),
+            });
         }
         if self.sync.page_size == 0 || self.sync.page_size > 100 {
-            return Err(ConfigError::Invalid { key: "sync.page_size", reason: "must be between 1 and 100".into() });
+            return Err(ConfigError::Invalid {
+                key: "sync.page_size",
+                reason: "must be between 1 and 100".into(),
+            });
         }
         if !(self.sync.default_rate > 0.0 && self.sync.default_rate.is_finite()) {
-            return Err(ConfigError::Invalid { key: "sync.default_rate", reason: "must be a positive number".into() });
+            return Err(ConfigError::Invalid {
+                key: "sync.default_rate",
+                reason: "must be a positive number".into(),
+            });
         }
         if url::Url::parse(&self.notion.base_url).is_err() {
             return Err(ConfigError::Invalid { key: "notion.base_url", reason: "is not a URL".into() });
@@ -239,7 +249,10 @@ impl Settings {
             }
         }
         if self.amqp.retry_tiers.iter().any(|t| t.name.is_empty() || t.delay_ms == 0) {
-            return Err(ConfigError::Invalid { key: "amqp.retry_tiers", reason: "every tier needs a name and a delay".into() });
+            return Err(ConfigError::Invalid {
+                key: "amqp.retry_tiers",
+                reason: "every tier needs a name and a delay".into(),
+            });
         }
         if let Some(key) = &self.encryption_key {
             crate::crypto::TokenCipher::from_base64(key)

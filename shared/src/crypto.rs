@@ -51,8 +51,10 @@ impl TokenCipher {
 
     pub fn encrypt(&self, token: &SecretString) -> Result<Vec<u8>, CryptoError> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let ciphertext =
-            self.cipher.encrypt(&nonce, token.expose_secret().as_bytes()).map_err(|_| CryptoError::Encrypt)?;
+        let ciphertext = self
+            .cipher
+            .encrypt(&nonce, token.expose_secret().as_bytes())
+            .map_err(|_| CryptoError::Encrypt)?;
         let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
@@ -64,7 +66,8 @@ impl TokenCipher {
             return Err(CryptoError::Decrypt);
         }
         let (nonce, ciphertext) = stored.split_at(NONCE_LEN);
-        let plain = self.cipher.decrypt(Nonce::from_slice(nonce), ciphertext).map_err(|_| CryptoError::Decrypt)?;
+        let plain =
+            self.cipher.decrypt(Nonce::from_slice(nonce), ciphertext).map_err(|_| CryptoError::Decrypt)?;
         String::from_utf8(plain).map(SecretString::from).map_err(|_| CryptoError::Decrypt)
     }
 }
@@ -81,6 +84,9 @@ mod tests {
         assert_eq!(cipher.decrypt(&stored).expect("decrypts").expose_secret(), "secret_abc");
         let other = TokenCipher::from_base64(&TokenCipher::generate_key()).expect("fresh key");
         assert!(matches!(other.decrypt(&stored), Err(CryptoError::Decrypt)));
-        assert!(matches!(TokenCipher::from_base64(&SecretString::from("c2hvcnQ=")), Err(CryptoError::BadKey)));
+        assert!(matches!(
+            TokenCipher::from_base64(&SecretString::from("c2hvcnQ=")),
+            Err(CryptoError::BadKey)
+        ));
     }
 }

@@ -24,7 +24,10 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// A sync job as it travels over AMQP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[schemars(title = "syncfleet sync_database job v1", description = "CloudEvents 1.0 structured-mode event asking syncfleet to sync one Notion database.")]
+#[schemars(
+    title = "syncfleet sync_database job v1",
+    description = "CloudEvents 1.0 structured-mode event asking syncfleet to sync one Notion database."
+)]
 pub struct JobEnvelope {
     /// Always "1.0".
     pub specversion: String,
@@ -173,7 +176,8 @@ impl JobEnvelope {
         }
         let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| JobError::NotJson(truncate(&e.to_string())))?;
-        let object = value.as_object().ok_or_else(|| JobError::Invalid("body is not a JSON object".into()))?;
+        let object =
+            value.as_object().ok_or_else(|| JobError::Invalid("body is not a JSON object".into()))?;
         match object.get("specversion").and_then(|v| v.as_str()) {
             Some(SPEC_VERSION) => {}
             Some(other) => return Err(JobError::SpecVersion(truncate(other))),
@@ -195,7 +199,10 @@ impl JobEnvelope {
             return Err(JobError::Invalid("`source` must not be empty".into()));
         }
         let slug = &self.data.integration;
-        if slug.is_empty() || slug.len() > 64 || !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if slug.is_empty()
+            || slug.len() > 64
+            || !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return Err(JobError::Invalid("`data.integration` must be 1-64 of [A-Za-z0-9_-]".into()));
         }
         if let Some(ct) = &self.datacontenttype
@@ -288,6 +295,10 @@ mod tests {
     fn the_published_schema_is_current() {
         let committed = include_str!("../schema/sync_database.v1.schema.json");
         let committed: serde_json::Value = serde_json::from_str(committed).expect("committed schema is JSON");
-        assert_eq!(committed, json_schema(), "run `syncfleet-producer schema > shared/schema/sync_database.v1.schema.json`");
+        assert_eq!(
+            committed,
+            json_schema(),
+            "run `syncfleet-producer schema > shared/schema/sync_database.v1.schema.json`"
+        );
     }
 }

@@ -23,7 +23,10 @@ mod tests {
 
     #[test]
     fn masks_passwords_and_drops_queries() {
-        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:****@127.0.0.1:5672/%2f");
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:****@127.0.0.1:5672/%2f"
+        );
         assert_eq!(redact_url("redis://:pw@r:6379/0?password=x"), "redis://:****@r:6379/0");
         assert_eq!(redact_url("not a url with secret"), "<unparseable URL>");
     }

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::BasicGetOptions;
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait};
 use secrecy::{ExposeSecret, SecretString};
 use syncfleet_shared::Settings;
@@ -102,16 +102,33 @@ impl TestEnv {
             &SecretString::from(self.token.clone()),
         )
         .await?;
-        let id = self.sim.state.read().databases.get(index).map(|d| d.id).ok_or_else(|| anyhow!("no database {index}"))?;
+        let id = self
+            .sim
+            .state
+            .read()
+            .databases
+            .get(index)
+            .map(|d| d.id)
+            .ok_or_else(|| anyhow!("no database {index}"))?;
         syncfleet_producer::commands::database::add(&self.settings, slug, id, None, None).await?;
         Ok(id)
     }
 
     /// Publishes a job the way the producer does; returns the job (run) id.
-    pub async fn enqueue(&self, integration: &str, database_id: Uuid, mode: SyncMode) -> anyhow::Result<Uuid> {
+    pub async fn enqueue(
+        &self,
+        integration: &str,
+        database_id: Uuid,
+        mode: SyncMode,
+    ) -> anyhow::Result<Uuid> {
         let publisher = syncfleet_producer::publish::JobPublisher::connect(&self.settings).await?;
-        let data =
-            SyncDatabaseJob { integration: integration.into(), database_id, mode, priority: Priority::Normal, reason: Reason::Manual };
+        let data = SyncDatabaseJob {
+            integration: integration.into(),
+            database_id,
+            mode,
+            priority: Priority::Normal,
+            reason: Reason::Manual,
+        };
         Ok(publisher.publish(&self.db, "urn:syncfleet:test", data).await?.id)
     }
 
@@ -144,9 +161,14 @@ impl TestEnv {
 
     /// Waits for a worker process to exit; returns its exit code.
     pub async fn wait_worker_exit(&mut self, pid: u32, timeout: Duration) -> anyhow::Result<Option<i32>> {
-        let index = self.workers.iter().position(|c| c.id() == Some(pid)).ok_or_else(|| anyhow!("unknown worker {pid}"))?;
+        let index = self
+            .workers
+            .iter()
+            .position(|c| c.id() == Some(pid))
+            .ok_or_else(|| anyhow!("unknown worker {pid}"))?;
         let mut child = self.workers.remove(index);
-        let status = tokio::time::timeout(timeout, child.wait()).await.context("worker did not exit in time")??;
+        let status =
+            tokio::time::timeout(timeout, child.wait()).await.context("worker did not exit in time")??;
         Ok(status.code())
     }
 
@@ -200,7 +222,8 @@ impl TestEnv {
 
     /// POSTs to a simulator admin endpoint.
     pub async fn sim_admin(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let response = reqwest::Client::new().post(format!("{}/_sim/{path}", self.sim_url())).json(&body).send().await?;
+        let response =
+            reqwest::Client::new().post(format!("{}/_sim/{path}", self.sim_url())).json(&body).send().await?;
         Ok(response.error_for_status()?.json().await?)
     }
 
@@ -210,8 +233,11 @@ impl TestEnv {
         let channel = conn.create_channel().await?;
         let queue = Topology::new(&self.settings.amqp).dead_queue();
         let mut out = Vec::new();
-        while let Some(msg) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await? {
-            let reason = amqp::header_str(&msg.delivery.properties, syncfleet_shared::job::DEAD_REASON_HEADER);
+        while let Some(msg) =
+            channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await?
+        {
+            let reason =
+                amqp::header_str(&msg.delivery.properties, syncfleet_shared::job::DEAD_REASON_HEADER);
             out.push((reason, msg.delivery.data.clone()));
         }
         let _ = conn.close(200, "done".into()).await;
@@ -239,32 +265,12 @@ impl TestEnv {
         if let Ok(conn) = amqp::connect(&self.settings.amqp, "syncfleet-test-cleanup").await
             && let Ok(channel) = conn.create_channel().await
         {
-            let t = Topology::new(&self.settings.amqp);
-            let mut queues = vec![t.jobs_queue(), t.dead_queue()];
-            queues.extend(t.tiers().iter().map(|tier| t.retry_queue(tier)));
-            for q in queues {
-                let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-            }
-            for x in [t.jobs_exchange(), t.retry_exchange(), t.dead_exchange()] {
-                let _ = channel.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
-            }
+            let _ = Topology::new(&self.settings.amqp).delete(&channel).await;
             let _ = conn.close(200, "done".into()).await;
         }
         self.db.clone().close().await.ok();
-        drop_database(&self.name).await;
+        crate::fleet::drop_database(&self.name).await;
         let _ = std::fs::remove_file(log_path(&self.name));
-    }
-}
-
-async fn drop_database(name: &str) {
-    let admin = syncfleet_shared::config::DatabaseSettings {
-        url: SecretString::from(format!("{}/postgres", admin_pg_url())),
-        max_connections: 1,
-        connect_timeout_secs: 5,
-    };
-    if let Ok(conn) = syncfleet_shared::db::connect(&admin).await {
-        let _ = conn.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
-        conn.close().await.ok();
     }
 }
 

@@ -52,8 +52,10 @@ pub async fn compare(db: &DatabaseConnection, sim_url: &str, database_id: Uuid) 
             [database_id.into()],
         ))
         .await?;
-    let mut stored: HashMap<Uuid, (Value, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>, bool)> =
-        HashMap::new();
+    let mut stored: HashMap<
+        Uuid,
+        (Value, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>, bool),
+    > = HashMap::new();
     for row in rows {
         let id: Uuid = row.try_get("", "page_id")?;
         let trashed: bool = row.try_get("", "in_trash")?;
@@ -100,7 +102,8 @@ pub async fn compare(db: &DatabaseConnection, sim_url: &str, database_id: Uuid) 
         let same_time = |t: chrono::DateTime<chrono::Utc>, s: &str| {
             chrono::DateTime::parse_from_rfc3339(s).map(|w| w == t).unwrap_or(false)
         };
-        if props != page["properties"] || !same_time(edited, want_edited) || !same_time(created, want_created) {
+        if props != page["properties"] || !same_time(edited, want_edited) || !same_time(created, want_created)
+        {
             report.different += 1;
             report.note(format!("page {id} differs (edited {edited} vs {want_edited})"));
         }

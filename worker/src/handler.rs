@@ -34,7 +34,11 @@ pub async fn handle(
         Ok(job) => job,
         Err(e) => {
             tracing::warn!(error = %e, kind = e.kind(), "Rejecting a message that is not a valid sync job.");
-            return Handled { disposition: Disposition::DeadLetter { reason: e.to_string() }, job: None, attempt };
+            return Handled {
+                disposition: Disposition::DeadLetter { reason: e.to_string() },
+                job: None,
+                attempt,
+            };
         }
     };
     let span = tracing::info_span!(
@@ -49,7 +53,12 @@ pub async fn handle(
     Handled { disposition, job: Some(job), attempt }
 }
 
-async fn run_job(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32, shutdown: CancellationToken) -> Disposition {
+async fn run_job(
+    ctx: &WorkerContext,
+    job: &JobEnvelope,
+    attempt: u32,
+    shutdown: CancellationToken,
+) -> Disposition {
     let database = match notion_database::Entity::find_by_id(job.data.database_id).one(&ctx.db).await {
         Ok(Some(db)) => db,
         Ok(None) => {
@@ -112,15 +121,21 @@ async fn run_job(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32, shutdown:
     }
 }
 
-async fn open_session(ctx: &WorkerContext, database: &notion_database::Model) -> Result<NotionSession, JobFailure> {
-    let integration = integration::Entity::find_by_id(database.integration.clone())
-        .one(&ctx.db)
-        .await?
-        .ok_or_else(|| JobFailure::Config(format!("integration {} is not registered", database.integration)))?;
+async fn open_session(
+    ctx: &WorkerContext,
+    database: &notion_database::Model,
+) -> Result<NotionSession, JobFailure> {
+    let integration =
+        integration::Entity::find_by_id(database.integration.clone()).one(&ctx.db).await?.ok_or_else(
+            || JobFailure::Config(format!("integration {} is not registered", database.integration)),
+        )?;
     let cipher = ctx.cipher.as_ref().ok_or_else(|| {
-        JobFailure::Config("encryption_key is not configured; the worker cannot read integration tokens".into())
+        JobFailure::Config(
+            "encryption_key is not configured; the worker cannot read integration tokens".into(),
+        )
     })?;
-    let token = cipher.decrypt(&integration.token_encrypted).map_err(|e| JobFailure::Config(e.to_string()))?;
+    let token =
+        cipher.decrypt(&integration.token_encrypted).map_err(|e| JobFailure::Config(e.to_string()))?;
     let key = BudgetKey {
         integration: integration.slug.clone(),
         rate: integration.rate_per_second,

@@ -7,8 +7,16 @@ use clap::Parser;
 use syncfleet_shared::{Settings, shutdown, telemetry};
 use syncfleet_worker::Worker;
 
+/// mimalloc: markedly faster than the system allocator for the worker's JSON-heavy batches.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
-#[command(name = "syncfleet-worker", version, about = "Consumes syncfleet jobs and mirrors Notion into PostgreSQL")]
+#[command(
+    name = "syncfleet-worker",
+    version,
+    about = "Consumes syncfleet jobs and mirrors Notion into PostgreSQL"
+)]
 struct Args {
     /// Jobs run at once (also the AMQP prefetch); overrides SYNCFLEET_WORKER__CONCURRENCY.
     #[arg(long)]

@@ -13,18 +13,25 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use std::collections::{HashSet, VecDeque};
 use syncfleet_shared::db::entities::{notion_database, sync_run::status};
 use syncfleet_shared::db::pages::{self, PageRow};
 use syncfleet_shared::db::runs::{self, Checkpoint, RunDelta};
 use syncfleet_shared::job::SyncMode;
 use syncfleet_shared::notion::types::{ListResponse, QueryRequest, Timestamp};
 use syncfleet_shared::notion::{Endpoint, NotionError, NotionSession};
-use tokio::sync::mpsc;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::JobFailure;
 use crate::transform::{self, InvalidPage};
+
+/// Batches written concurrently by one run (they still commit in order).
+const WRITERS: usize = 2;
 
 /// How many times one run restarts its query after Notion rejects a cursor.
 const MAX_CURSOR_RESTARTS: u32 = 5;
@@ -105,8 +112,11 @@ impl SyncRun {
             (Err(e), _) | (_, Err(e)) => {
                 // Requests made since the last committed batch still count.
                 let (requests, rate_limited) = self.session.stats().take();
-                let delta =
-                    RunDelta { requests: requests as i64, rate_limited: rate_limited as i64, ..RunDelta::default() };
+                let delta = RunDelta {
+                    requests: requests as i64,
+                    rate_limited: rate_limited as i64,
+                    ..RunDelta::default()
+                };
                 if let Err(db_error) = runs::record_progress(&self.db, self.run_id, &delta, None).await {
                     tracing::warn!(error = %db_error, "Could not record the failed attempt's request counts.");
                 }
@@ -135,11 +145,19 @@ impl SyncRun {
             }
             let mut request = QueryRequest::ascending(field, query_from, self.page_size);
             request.start_cursor = cursor.clone();
-            let response = match self.session.request::<_, ListResponse>(Endpoint::QueryDataSource, &path, Some(&request)).await {
+            let fetch_started = std::time::Instant::now();
+            let response = match self
+                .session
+                .request::<_, ListResponse>(Endpoint::QueryDataSource, &path, Some(&request))
+                .await
+            {
                 Ok(r) => r,
                 Err(NotionError::InvalidCursor) if restarts < MAX_CURSOR_RESTARTS => {
                     restarts += 1;
-                    tracing::warn!(restarts, "Notion rejected the cursor; restarting the query from the last position.");
+                    tracing::warn!(
+                        restarts,
+                        "Notion rejected the cursor; restarting the query from the last position."
+                    );
                     cursor = None;
                     query_from = resume_from;
                     continue;
@@ -150,7 +168,8 @@ impl SyncRun {
             let list = response.body;
             let (pages, invalid) = transform::parse_results(list.results);
             let last = pages.iter().max_by_key(|p| (field.of(p), p.id)).map(|p| (field.of(p), p.id));
-            let checkpoint = last.map(|(sort_time, page_id)| Checkpoint { sort_time, page_id, run_started: started });
+            let checkpoint =
+                last.map(|(sort_time, page_id)| Checkpoint { sort_time, page_id, run_started: started });
             if let Some((sort_time, _)) = last {
                 // A restarted query resumes here; it is inclusive, so nothing is skipped.
                 resume_from = Some(match self.mode {
@@ -160,7 +179,12 @@ impl SyncRun {
                     }
                 });
             }
-            let rows = pages.into_iter().map(transform::to_row).collect();
+            let rows: Vec<PageRow> = pages.into_iter().map(transform::to_row).collect();
+            tracing::debug!(
+                rows = rows.len(),
+                fetch_ms = fetch_started.elapsed().as_millis() as u64,
+                "Response read."
+            );
             if tx.send(Batch { rows, invalid, checkpoint }).await.is_err() {
                 // The writer failed; its error is the one reported.
                 return Ok(started);
@@ -172,33 +196,87 @@ impl SyncRun {
         }
     }
 
-    /// Commits each batch with its counters and checkpoint.
+    /// Commits each batch with its counters and checkpoint. Up to [`WRITERS`] batches are written
+    /// at once (PostgreSQL parses and stores them on separate backends), but they commit strictly
+    /// in order, so a checkpoint never gets ahead of a batch before it. Batches that share a page
+    /// are never in flight together (their row locks could otherwise wait on each other).
     async fn write_batches(&self, mut rx: mpsc::Receiver<Batch>) -> Result<SyncSummary, JobFailure> {
         let mut summary = SyncSummary::default();
-        let stamp_seen = self.mode == SyncMode::Full;
-        while let Some(batch) = rx.recv().await {
-            for bad in &batch.invalid {
-                tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "Skipping a page that failed validation.");
+        let (committed_tx, committed_rx) = watch::channel(0u64);
+        let mut in_flight = FuturesOrdered::new();
+        let mut in_flight_pages: VecDeque<(u64, HashSet<Uuid>)> = VecDeque::new();
+        let mut next_seq = 0u64;
+        let mut input_open = true;
+        loop {
+            let may_start = input_open && in_flight.len() < WRITERS;
+            tokio::select! {
+                batch = rx.recv(), if may_start => {
+                    let Some(batch) = batch else { input_open = false; continue };
+                    let ids: HashSet<Uuid> = batch.rows.iter().map(|r| r.page_id).collect();
+                    if in_flight_pages.iter().any(|(_, other)| !other.is_disjoint(&ids)) {
+                        // Drain until the overlapping batch has committed.
+                        while let Some(result) = in_flight.next().await {
+                            let delta: RunDelta = result?;
+                            summary.add(&delta);
+                            in_flight_pages.pop_front();
+                        }
+                    }
+                    next_seq += 1;
+                    in_flight_pages.push_back((next_seq, ids));
+                    in_flight.push_back(self.write_one(next_seq, batch, committed_rx.clone(), &committed_tx));
+                }
+                Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                    let delta: RunDelta = result?;
+                    summary.add(&delta);
+                    in_flight_pages.pop_front();
+                }
+                else => break,
             }
-            let txn = self.db.begin().await?;
-            let counts =
-                pages::upsert_batch(&txn, self.database.id, self.run_id, self.fence, stamp_seen, &batch.rows).await?;
-            let (requests, rate_limited) = self.session.stats().take();
-            let delta = RunDelta {
-                requests: requests as i64,
-                rate_limited: rate_limited as i64,
-                seen: batch.rows.len() as i64,
-                created: counts.created,
-                updated: counts.updated,
-                unchanged: counts.unchanged,
-                deleted: 0,
-                invalid: batch.invalid.len() as i64,
-            };
-            runs::record_progress(&txn, self.run_id, &delta, batch.checkpoint.as_ref()).await?;
-            txn.commit().await?;
-            summary.add(&delta);
         }
         Ok(summary)
+    }
+
+    /// Writes one batch; commits only after batch `seq - 1` has committed.
+    async fn write_one(
+        &self,
+        seq: u64,
+        batch: Batch,
+        mut committed: watch::Receiver<u64>,
+        committed_tx: &watch::Sender<u64>,
+    ) -> Result<RunDelta, JobFailure> {
+        for bad in &batch.invalid {
+            tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "Skipping a page that failed validation.");
+        }
+        let write_started = std::time::Instant::now();
+        let stamp_seen = self.mode == SyncMode::Full;
+        let txn = self.db.begin().await?;
+        // Intermediate batches need not wait for the WAL flush: the batch and its checkpoint
+        // commit together, so a server crash only rewinds the checkpoint. The final
+        // transaction commits synchronously (flushing all of these) before the job is acked.
+        txn.execute_unprepared("SET LOCAL synchronous_commit = off").await?;
+        let rows = batch.rows.len();
+        let counts =
+            pages::upsert_batch(&txn, self.database.id, self.run_id, self.fence, stamp_seen, batch.rows)
+                .await?;
+        if committed.wait_for(|done| *done + 1 >= seq).await.is_err() {
+            return Err(JobFailure::Interrupted);
+        }
+        let (requests, rate_limited) = self.session.stats().take();
+        let delta = RunDelta {
+            requests: requests as i64,
+            rate_limited: rate_limited as i64,
+            seen: rows as i64,
+            created: counts.created,
+            updated: counts.updated,
+            unchanged: counts.unchanged,
+            deleted: 0,
+            invalid: batch.invalid.len() as i64,
+        };
+        runs::record_progress(&txn, self.run_id, &delta, batch.checkpoint.as_ref()).await?;
+        txn.commit().await?;
+        committed_tx.send_replace(seq);
+        tracing::debug!(rows, write_ms = write_started.elapsed().as_millis() as u64, "Batch committed.");
+        Ok(delta)
     }
 
     /// Marks deletions (full runs), moves the watermark and records success, in one transaction.

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use syncfleet_shared::hashing::hash_value;
 use syncfleet_shared::db::pages::PageRow;
+use syncfleet_shared::hashing::hash_value;
 use syncfleet_shared::notion::types::Page;
 
 /// A result that could not be turned into a page.
@@ -92,8 +92,12 @@ mod tests {
     #[test]
     fn malformed_pages_are_isolated_and_duplicates_collapse() {
         let bad = json!({"object": "page", "id": "not-a-uuid", "properties": {}});
-        let (pages, invalid) =
-            parse_results(vec![page(json!({"v": 1})), bad, page(json!({"v": 2})), json!({"object": "data_source"})]);
+        let (pages, invalid) = parse_results(vec![
+            page(json!({"v": 1})),
+            bad,
+            page(json!({"v": 2})),
+            json!({"object": "data_source"}),
+        ]);
         assert_eq!(pages.len(), 1);
         assert_eq!(pages[0].properties["v"], 2);
         assert_eq!(invalid.len(), 1);

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sea_orm::DatabaseConnection;
@@ -69,7 +71,9 @@ impl Worker {
         let cipher = match &settings.encryption_key {
             Some(_) => Some(settings.token_cipher()?),
             None => {
-                tracing::warn!("No encryption_key configured: jobs will fail until SYNCFLEET_ENCRYPTION_KEY is set.");
+                tracing::warn!(
+                    "No encryption_key configured: jobs will fail until SYNCFLEET_ENCRYPTION_KEY is set."
+                );
                 None
             }
         };
@@ -148,7 +152,10 @@ impl Worker {
                 }
             }
         }
-        tracing::info!(in_flight = tasks.len(), "Stopping: no new jobs; in-flight jobs checkpoint and requeue.");
+        tracing::info!(
+            in_flight = tasks.len(),
+            "Stopping: no new jobs; in-flight jobs checkpoint and requeue."
+        );
         let _ = self.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         stop.cancel();
         let grace = Duration::from_secs(self.ctx.settings.worker.shutdown_grace_secs);
@@ -189,7 +196,11 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
             let published = match (&handled.job, ctx.topology.tier_for_attempt(handled.attempt)) {
                 (Some(job), Some(tier)) => ctx
                     .publisher
-                    .publish_job(job, &Destination::Retry(tier.clone()), &meta(&ctx, handled.attempt + 1, &delivery))
+                    .publish_job(
+                        job,
+                        &Destination::Retry(tier.clone()),
+                        &meta(&ctx, handled.attempt + 1, &delivery),
+                    )
                     .await
                     .map(|_| tier.name.clone()),
                 _ => Err(AmqpError::Unroutable("no retry tier".into())),

@@ -20,13 +20,23 @@ pub async fn add(
     interval_secs: Option<u32>,
 ) -> anyhow::Result<()> {
     let db = syncfleet_shared::db::connect(&settings.database).await?;
-    let integ = integration::Entity::find_by_id(integration_slug.to_string())
-        .one(&db)
-        .await?
-        .ok_or_else(|| anyhow!("integration {integration_slug} is not registered (run `integration add` first)"))?;
+    let integ =
+        integration::Entity::find_by_id(integration_slug.to_string()).one(&db).await?.ok_or_else(|| {
+            anyhow!("integration {integration_slug} is not registered (run `integration add` first)")
+        })?;
     let token = settings.token_cipher()?.decrypt(&integ.token_encrypted)?;
-    let key = BudgetKey { integration: integ.slug.clone(), rate: integ.rate_per_second, burst: integ.burst.max(1) as u32 };
-    let session = NotionSession::new(NotionClient::new(&settings.notion)?, token, Budget::local(), key, &settings.notion);
+    let key = BudgetKey {
+        integration: integ.slug.clone(),
+        rate: integ.rate_per_second,
+        burst: integ.burst.max(1) as u32,
+    };
+    let session = NotionSession::new(
+        NotionClient::new(&settings.notion)?,
+        token,
+        Budget::local(),
+        key,
+        &settings.notion,
+    );
 
     let database: DatabaseObject = session
         .request::<(), _>(Endpoint::RetrieveDatabase, &format!("/v1/databases/{id}"), None)
@@ -45,7 +55,11 @@ pub async fn add(
                 anyhow!("database {id} lists no data sources (is notion.version 2025-09-03 or later?)")
             })?;
             if database.data_sources.len() > 1 {
-                eprintln!("database has {} data sources; mirroring the first ({}); pick another with --data-source", database.data_sources.len(), first.id);
+                eprintln!(
+                    "database has {} data sources; mirroring the first ({}); pick another with --data-source",
+                    database.data_sources.len(),
+                    first.id
+                );
             }
             first.id
         }

@@ -56,7 +56,12 @@ async fn previous_page_count(db: &DatabaseConnection, database_id: Uuid) -> Opti
 }
 
 /// Follows a run with a progress bar until it reaches a final state.
-pub async fn wait(db: &DatabaseConnection, run_id: Uuid, estimate: Option<u64>, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait(
+    db: &DatabaseConnection,
+    run_id: Uuid,
+    estimate: Option<u64>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let bar = match estimate {
         Some(n) => ProgressBar::new(n),
         None => ProgressBar::new_spinner(),
@@ -73,7 +78,10 @@ pub async fn wait(db: &DatabaseConnection, run_id: Uuid, estimate: Option<u64>, 
         let run = sync_run::Entity::find_by_id(run_id).one(db).await?;
         if let Some(run) = &run {
             bar.set_position(run.pages_seen.max(0) as u64);
-            bar.set_message(format!("{} requests · {} rate-limited · {}", run.requests, run.rate_limited, run.status));
+            bar.set_message(format!(
+                "{} requests · {} rate-limited · {}",
+                run.requests, run.rate_limited, run.status
+            ));
             if sync_run::status::is_final(&run.status) {
                 bar.finish();
                 println!(

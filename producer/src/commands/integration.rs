@@ -31,7 +31,10 @@ pub async fn save(
     burst: Option<u32>,
     token: &SecretString,
 ) -> anyhow::Result<()> {
-    if slug.is_empty() || slug.len() > 64 || !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if slug.is_empty()
+        || slug.len() > 64
+        || !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         bail!("--slug must be 1-64 characters of [A-Za-z0-9_-]");
     }
     let rate = rate.unwrap_or(settings.sync.default_rate);

@@ -75,9 +75,13 @@ pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
         println!("no databases registered");
         return Ok(());
     }
-    println!("{:<36}  {:<24} {:<10} {:>8} {:>7}  {:<10} {:<12} last success", "database", "title", "integr.", "pages", "deleted", "last run", "status");
+    println!(
+        "{:<36}  {:<24} {:<10} {:>8} {:>7}  {:<10} {:<12} last success",
+        "database", "title", "integr.", "pages", "deleted", "last run", "status"
+    );
     for d in &out {
-        let (mode, status) = d.last_run.as_ref().map(|r| (r.mode.as_str(), r.status.as_str())).unwrap_or(("-", "-"));
+        let (mode, status) =
+            d.last_run.as_ref().map(|r| (r.mode.as_str(), r.status.as_str())).unwrap_or(("-", "-"));
         let title: String = d.title.chars().take(24).collect();
         let integration: String = d.integration.chars().take(10).collect();
         println!(

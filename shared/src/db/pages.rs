@@ -1,16 +1,15 @@
 //! The bulk write path: one response's pages upserted in one statement, unchanged pages untouched.
 //!
-//! The batch travels as one `jsonb` parameter and is expanded with `jsonb_to_recordset`, so a
-//! batch of 100 pages is one round trip. A page whose `content_hash` is unchanged is not rewritten
+//! The batch travels as one array per column (`unnest`), so a batch of 100 pages is one round
+//! trip and PostgreSQL parses each page's JSON exactly once. A page whose `content_hash` is unchanged is not rewritten
 //! (a full run only stamps `last_seen_run` on it, which deletion detection needs).
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
-use serde::Serialize;
 use uuid::Uuid;
 
 /// One page as it is written.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct PageRow {
     pub page_id: Uuid,
     pub properties: serde_json::Value,
@@ -34,21 +33,26 @@ pub struct BatchCounts {
 
 const UPSERT: &str = r#"
 WITH input AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(
-        page_id uuid, properties jsonb, url text, created_time timestamptz, last_edited_time timestamptz,
-        created_by uuid, last_edited_by uuid, archived boolean, in_trash boolean, content_hash text)
+    SELECT page_id, properties, NULLIF(url, '') AS url, created_time, last_edited_time,
+           NULLIF(created_by, '00000000-0000-0000-0000-000000000000') AS created_by,
+           NULLIF(last_edited_by, '00000000-0000-0000-0000-000000000000') AS last_edited_by,
+           archived, in_trash, content_hash
+    FROM unnest($5::uuid[], $6::jsonb[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::uuid[],
+                $11::uuid[], $12::boolean[], $13::boolean[], $14::text[])
+        AS r(page_id, properties, url, created_time, last_edited_time, created_by, last_edited_by,
+             archived, in_trash, content_hash)
 ),
 existing AS (
     SELECT p.page_id, p.content_hash, p.deleted_at
     FROM notion_pages p JOIN input i ON i.page_id = p.page_id
-    WHERE p.database_id = $2
+    WHERE p.database_id = $1
 ),
 upserted AS (
     INSERT INTO notion_pages AS p (database_id, page_id, properties, url, created_time, last_edited_time,
         created_by, last_edited_by, archived, in_trash, deleted_at, content_hash, last_seen_run,
         written_fence, synced_at)
-    SELECT $2, page_id, properties, url, created_time, last_edited_time, created_by, last_edited_by,
-        archived, in_trash, NULL, content_hash, $3, $4, now()
+    SELECT $1, page_id, properties, url, created_time, last_edited_time, created_by, last_edited_by,
+        archived, in_trash, NULL, content_hash, $2, $3, now()
     FROM input
     ON CONFLICT (database_id, page_id) DO UPDATE SET
         properties = EXCLUDED.properties, url = EXCLUDED.url,
@@ -59,7 +63,7 @@ upserted AS (
         written_fence = EXCLUDED.written_fence, synced_at = now()
     WHERE p.content_hash IS DISTINCT FROM EXCLUDED.content_hash
        OR p.deleted_at IS NOT NULL
-       OR ($5 AND p.last_seen_run IS DISTINCT FROM EXCLUDED.last_seen_run)
+       OR ($4 AND p.last_seen_run IS DISTINCT FROM EXCLUDED.last_seen_run)
     RETURNING p.page_id
 )
 SELECT
@@ -72,7 +76,8 @@ SELECT
 FROM input i LEFT JOIN existing e ON e.page_id = i.page_id
 "#;
 
-/// Upserts `rows` (page ids must be unique within the batch) for `database_id`.
+/// Upserts `rows` (page ids must be unique within the batch) for `database_id`. Takes the rows
+/// by value so the (large) property documents move into the statement instead of being copied.
 ///
 /// `stamp_seen` marks unchanged rows as seen by `run_id` too (full runs need it for deletions).
 pub async fn upsert_batch<C: ConnectionTrait>(
@@ -81,18 +86,57 @@ pub async fn upsert_batch<C: ConnectionTrait>(
     run_id: Uuid,
     fence: i64,
     stamp_seen: bool,
-    rows: &[PageRow],
+    rows: Vec<PageRow>,
 ) -> Result<BatchCounts, DbErr> {
     if rows.is_empty() {
         return Ok(BatchCounts::default());
     }
-    let batch = serde_json::to_value(rows).map_err(|e| DbErr::Custom(format!("encoding batch: {e}")))?;
+    // Arrays cannot carry NULLs here; '' and the nil UUID stand for them and NULLIF restores them.
+    let nil = Uuid::nil();
+    let mut documents = Vec::with_capacity(rows.len());
+    let mut page_ids = Vec::with_capacity(rows.len());
+    let mut urls = Vec::with_capacity(rows.len());
+    let mut created = Vec::with_capacity(rows.len());
+    let mut edited = Vec::with_capacity(rows.len());
+    let mut created_by = Vec::with_capacity(rows.len());
+    let mut edited_by = Vec::with_capacity(rows.len());
+    let mut archived = Vec::with_capacity(rows.len());
+    let mut in_trash = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    for r in rows {
+        page_ids.push(r.page_id);
+        documents.push(r.properties);
+        urls.push(r.url.unwrap_or_default());
+        created.push(r.created_time);
+        edited.push(r.last_edited_time);
+        created_by.push(r.created_by.unwrap_or(nil));
+        edited_by.push(r.last_edited_by.unwrap_or(nil));
+        archived.push(r.archived);
+        in_trash.push(r.in_trash);
+        hashes.push(r.content_hash);
+    }
     let stmt = Statement::from_sql_and_values(
         DbBackend::Postgres,
         UPSERT,
-        [batch.into(), database_id.into(), run_id.into(), fence.into(), stamp_seen.into()],
+        [
+            database_id.into(),
+            run_id.into(),
+            fence.into(),
+            stamp_seen.into(),
+            page_ids.into(),
+            documents.into(),
+            urls.into(),
+            created.into(),
+            edited.into(),
+            created_by.into(),
+            edited_by.into(),
+            archived.into(),
+            in_trash.into(),
+            hashes.into(),
+        ],
     );
-    let row = conn.query_one_raw(stmt).await?.ok_or_else(|| DbErr::Custom("upsert returned no row".into()))?;
+    let row =
+        conn.query_one_raw(stmt).await?.ok_or_else(|| DbErr::Custom("upsert returned no row".into()))?;
     Ok(BatchCounts {
         created: row.try_get("", "created")?,
         updated: row.try_get("", "updated")?,

@@ -93,7 +93,11 @@ impl NotionClient {
                 endpoint: "client",
                 message: e.to_string(),
             })?;
-        Ok(Self { http, base_url: settings.base_url.trim_end_matches('/').to_string(), version: settings.version.clone() })
+        Ok(Self {
+            http,
+            base_url: settings.base_url.trim_end_matches('/').to_string(),
+            version: settings.version.clone(),
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -142,8 +146,8 @@ impl NotionClient {
         }
         let bytes = response.bytes().await.map_err(|e| self.transport(endpoint, &e))?;
         if !status.is_success() {
-            let parsed: ErrorBody =
-                serde_json::from_slice(&bytes).unwrap_or(ErrorBody { code: String::new(), message: String::new() });
+            let parsed: ErrorBody = serde_json::from_slice(&bytes)
+                .unwrap_or(ErrorBody { code: String::new(), message: String::new() });
             if status == StatusCode::BAD_REQUEST
                 && parsed.code == "validation_error"
                 && parsed.message.contains("start_cursor")

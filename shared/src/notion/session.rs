@@ -133,7 +133,8 @@ impl NotionSession {
 
 /// Full-jitter exponential backoff: uniform in [0, min(10 s, 250 ms · 2^n)].
 fn backoff(attempt: u32) -> Duration {
-    let cap = Duration::from_millis(250u64.saturating_mul(1u64 << attempt.min(8))).min(Duration::from_secs(10));
+    let cap =
+        Duration::from_millis(250u64.saturating_mul(1u64 << attempt.min(8))).min(Duration::from_secs(10));
     let millis = rand::rng().random_range(0..=cap.as_millis() as u64);
     Duration::from_millis(millis.max(50))
 }

@@ -3,6 +3,9 @@
 use clap::Parser;
 use syncfleet_tests::sim::{SimConfig, SimServer};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "notion-sim", about = "A faithful stand-in for the Notion API (see shared/NOTION_API.md)")]
 struct Args {

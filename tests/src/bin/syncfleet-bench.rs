@@ -1,1 +1,252 @@
-fn main() {}
+//! `syncfleet-bench`: the demo (`script/demo`) and the benchmarks (`script/bench`), run as real
+//! processes against the local services and notion-sim.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use serde_json::json;
+use syncfleet_tests::fleet::{Fleet, FleetOptions, peak_rss_bytes};
+use uuid::Uuid;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "syncfleet-bench", about = "syncfleet demo and benchmarks")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sync a generated database end to end with a progress bar, then check it against Notion.
+    Demo {
+        #[arg(long, env = "DEMO_PAGES", default_value_t = 10_000)]
+        pages: u64,
+        #[arg(long, env = "DEMO_RATE", default_value_t = 3.0)]
+        rate: f64,
+        #[arg(long, env = "DEMO_WORKERS", default_value_t = 3)]
+        workers: usize,
+    },
+    /// Run benchmark scenarios; each prints one JSON line.
+    Run {
+        /// unthrottled, demo, or all
+        #[arg(default_value = "all")]
+        scenario: String,
+        /// Pages for `unthrottled`.
+        #[arg(long, env = "BENCH_PAGES", default_value_t = 100_000)]
+        pages: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Cmd::Demo { pages, rate, workers } => demo(pages, rate, workers).await.map(|_| ()),
+        Cmd::Run { scenario, pages } => run(&scenario, pages).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("syncfleet-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A finished run's figures.
+struct RunFigures {
+    status: String,
+    pages: i64,
+    requests: i64,
+    rate_limited: i64,
+    /// From enqueue to the final commit, per PostgreSQL's clock.
+    elapsed: f64,
+}
+
+async fn latest_run(db: &DatabaseConnection, database_id: Uuid) -> anyhow::Result<Option<RunFigures>> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT status, pages_seen, requests, rate_limited, \
+                    EXTRACT(EPOCH FROM (finished_at - enqueued_at))::float8 AS elapsed \
+             FROM sync_runs WHERE database_id = $1 ORDER BY enqueued_at DESC LIMIT 1",
+            [database_id.into()],
+        ))
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(RunFigures {
+        status: row.try_get("", "status")?,
+        pages: row.try_get("", "pages_seen")?,
+        requests: row.try_get("", "requests")?,
+        rate_limited: row.try_get("", "rate_limited")?,
+        elapsed: row.try_get::<Option<f64>>("", "elapsed")?.unwrap_or_default(),
+    }))
+}
+
+async fn wait_final(
+    db: &DatabaseConnection,
+    database_id: Uuid,
+    timeout: Duration,
+) -> anyhow::Result<RunFigures> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(run) = latest_run(db, database_id).await?
+            && syncfleet_shared::db::entities::sync_run::status::is_final(&run.status)
+        {
+            return Ok(run);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the run did not finish within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the demo measured.
+struct DemoFigures {
+    pages: i64,
+    requests: u64,
+    rate_limited: u64,
+    elapsed: f64,
+    minimum: f64,
+    ratio: f64,
+}
+
+async fn demo(pages: u64, rate: f64, workers: usize) -> anyhow::Result<DemoFigures> {
+    if rate <= 0.0 {
+        bail!("DEMO_RATE must be positive");
+    }
+    let options = FleetOptions {
+        name: "syncfleet_demo".into(),
+        pages,
+        databases: 1,
+        rate,
+        burst: 3,
+        latency_ms: 0,
+        narrate: true,
+    };
+    eprintln!("Starting notion-sim with {pages} pages at {rate} requests/s…");
+    let mut fleet = Fleet::start(options).await?;
+    let outcome = demo_steps(&mut fleet, pages, rate, workers).await;
+    fleet.stop().await;
+    outcome
+}
+
+async fn demo_steps(fleet: &mut Fleet, pages: u64, rate: f64, workers: usize) -> anyhow::Result<DemoFigures> {
+    let ids = fleet.register().await?;
+    let database_id = *ids.first().context("the simulator has no database")?;
+    fleet.spawn_workers(workers, 4)?;
+    let id = database_id.to_string();
+    fleet.producer(&["enqueue", "--database", &id, "--mode", "full", "--wait"], &[], true).await?;
+    let db = fleet.db().await?;
+    let run = wait_final(&db, database_id, Duration::from_secs(60)).await?;
+    let stats = fleet.sim_stats().await?;
+    let minimum = (pages as f64 / 100.0).ceil() / rate;
+    let figures = DemoFigures {
+        pages: run.pages,
+        requests: stats["requests_total"].as_u64().unwrap_or_default(),
+        rate_limited: stats["rate_limited_total"].as_u64().unwrap_or_default(),
+        elapsed: run.elapsed,
+        minimum,
+        ratio: run.elapsed / minimum,
+    };
+    println!();
+    println!("  pages synced        {}", figures.pages);
+    println!(
+        "  Notion requests     {} ({} by the sync, the rest reading the schema)",
+        figures.requests, run.requests
+    );
+    println!("  429s                {}", figures.rate_limited);
+    println!("  elapsed             {:.2} s (enqueue to last commit)", figures.elapsed);
+    println!("  theoretical minimum {:.2} s (⌈{pages}/100⌉ requests ÷ {rate}/s)", minimum);
+    println!("  ratio               {:.3}", figures.ratio);
+    let report = syncfleet_tests::verify::compare(&db, &fleet.sim_url, database_id).await?;
+    if !report.is_exact() {
+        bail!("PostgreSQL does not match Notion: {report:?}");
+    }
+    println!("  check               PostgreSQL equals notion-sim's export ({} live rows)", report.live_rows);
+    println!();
+    println!("Look at the data:");
+    println!(
+        "  psql postgres://postgres@127.0.0.1:5432/syncfleet_demo -c \"SELECT page_id, properties->'Name'->'title'->0->>'plain_text' AS name, last_edited_time FROM notion_pages LIMIT 5\""
+    );
+    if run.status != "succeeded" {
+        bail!("run ended {}", run.status);
+    }
+    Ok(figures)
+}
+
+async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
+    let all = scenario == "all";
+    let mut ran = false;
+    if all || scenario == "unthrottled" {
+        unthrottled(pages).await?;
+        ran = true;
+    }
+    if all || scenario == "demo" {
+        let f = demo(10_000, 3.0, 3).await?;
+        let line = json!({"scenario": "demo", "pages": f.pages, "rate": 3.0, "workers": 3, "requests": f.requests,
+                          "rate_limited": f.rate_limited, "elapsed_s": round(f.elapsed), "minimum_s": round(f.minimum),
+                          "ratio": round(f.ratio), "date": chrono::Utc::now().to_rfc3339()});
+        println!("{line}");
+        ran = true;
+    }
+    if !ran {
+        bail!("unknown scenario {scenario} (unthrottled, demo, all)");
+    }
+    Ok(())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// `unthrottled`: one worker process, the simulator's limit off; pages/s end to end and peak RSS.
+async fn unthrottled(pages: u64) -> anyhow::Result<()> {
+    let options = FleetOptions {
+        name: "syncfleet_bench_unthrottled".into(),
+        pages,
+        databases: 1,
+        rate: 0.0,
+        burst: 100,
+        latency_ms: 0,
+        narrate: false,
+    };
+    eprintln!("unthrottled: generating {pages} pages…");
+    let mut fleet = Fleet::start(options).await?;
+    let result = async {
+        let ids = fleet.register().await?;
+        let database_id = *ids.first().context("no database")?;
+        fleet.spawn_workers(1, 4)?;
+        let pid = *fleet.worker_pids().first().context("no worker")?;
+        let id = database_id.to_string();
+        fleet.producer(&["enqueue", "--database", &id, "--mode", "full"], &[], false).await?;
+        let db = fleet.db().await?;
+        let run = wait_final(&db, database_id, Duration::from_secs(1800)).await?;
+        let rss = peak_rss_bytes(pid).unwrap_or_default();
+        let rows = db
+            .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT count(*) AS n FROM notion_pages"))
+            .await?
+            .map(|r| r.try_get::<i64>("", "n"))
+            .transpose()?
+            .unwrap_or_default();
+        if run.status != "succeeded" || rows != pages as i64 {
+            bail!("unthrottled run ended {} with {rows} rows", run.status);
+        }
+        let line = json!({"scenario": "unthrottled", "pages": run.pages, "workers": 1, "requests": run.requests, "rate_limited": run.rate_limited,
+                          "elapsed_s": round(run.elapsed), "pages_per_s": round(run.pages as f64 / run.elapsed),
+                          "worker_peak_rss_mb": round(rss as f64 / 1_048_576.0), "date": chrono::Utc::now().to_rfc3339()});
+        println!("{line}");
+        Ok(())
+    }
+    .await;
+    fleet.stop().await;
+    syncfleet_tests::fleet::drop_database("syncfleet_bench_unthrottled").await;
+    result
+}

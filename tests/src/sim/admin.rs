@@ -15,15 +15,26 @@ fn ok(v: Value) -> Response {
     (StatusCode::OK, axum::Json(v)).into_response()
 }
 
-fn err(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({"error": message.into()}))).into_response()
+/// An admin API failure, answered as `{"error": "…"}`.
+struct AdminError(StatusCode, String);
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+fn err(status: StatusCode, message: impl Into<String>) -> AdminError {
+    AdminError(status, message.into())
 }
 
 fn param(query: Option<&str>, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
-fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, Response> {
+fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, AdminError> {
     let raw: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
     serde_json::from_slice(raw).map_err(|e| err(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))
 }
@@ -55,7 +66,7 @@ pub fn handle(state: &SimState, method: &Method, path: &str, query: Option<&str>
         }),
         _ => Err(err(StatusCode::NOT_FOUND, format!("no admin route {method} /_sim/{path}"))),
     };
-    result.unwrap_or_else(|r| r)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 #[derive(Deserialize)]
@@ -100,10 +111,12 @@ fn info(state: &SimState) -> Response {
 
 /// The ground truth: every page with its id, timestamps, trash flag and properties exactly as a
 /// `2025-09-03` page object shows them.
-fn export(state: &SimState, query: Option<&str>) -> Result<Response, Response> {
+fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError> {
     let only: Option<Uuid> = match param(query, "database_id") {
         None => None,
-        Some(s) => Some(Uuid::parse_str(&s).map_err(|_| err(StatusCode::BAD_REQUEST, "database_id is not a UUID"))?),
+        Some(s) => {
+            Some(Uuid::parse_str(&s).map_err(|_| err(StatusCode::BAD_REQUEST, "database_id is not a UUID"))?)
+        }
     };
     let ws = state.read();
     let mut out = Vec::new();
@@ -112,17 +125,29 @@ fn export(state: &SimState, query: Option<&str>) -> Result<Response, Response> {
             .pages
             .iter()
             .map(|p| {
-                let obj = data::page_object(&ws, db, p, ApiVersion::V2025, None);
-                json!({"id": p.id, "created_time": data::iso(p.created), "last_edited_time": data::iso(p.last_edited),
-                       "in_trash": p.in_trash, "archived": p.in_trash, "properties": obj["properties"]})
+                let mut page = data::page_object(&ws, db, p, ApiVersion::V2025, None);
+                let properties = page.get_mut("properties").map(Value::take).unwrap_or_default();
+                data::obj([
+                    ("id", p.id.to_string().into()),
+                    ("created_time", data::iso(p.created).into()),
+                    ("last_edited_time", data::iso(p.last_edited).into()),
+                    ("in_trash", p.in_trash.into()),
+                    ("archived", p.in_trash.into()),
+                    ("properties", properties),
+                ])
             })
             .collect();
-        out.push(json!({"id": db.id, "data_source_id": db.data_source_id, "title": db.title, "pages": pages}));
+        out.push(data::obj([
+            ("id", db.id.to_string().into()),
+            ("data_source_id", db.data_source_id.to_string().into()),
+            ("title", db.title.clone().into()),
+            ("pages", Value::Array(pages)),
+        ]));
     }
     if only.is_some() && out.is_empty() {
         return Err(err(StatusCode::NOT_FOUND, "no such database"));
     }
-    Ok(ok(json!({"databases": out})))
+    Ok(ok(data::obj([("databases", Value::Array(out))])))
 }
 
 #[derive(Deserialize, Default)]
@@ -146,7 +171,7 @@ struct Mutation {
 
 /// Edits, creates, trashes or restores pages. An edit bumps `last_edited_time` to the current
 /// minute and changes the page's values; random picks are deterministic per seed and call.
-fn mutate(state: &SimState, m: Mutation) -> Result<Response, Response> {
+fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     let now = floor_minute(chrono::Utc::now().timestamp());
     let mut ws = state.write();
     ws.mutations += 1;
@@ -179,9 +204,14 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, Response> {
     let mut new_index = Vec::new();
     {
         let db = &mut ws.databases[d];
-        let by_ids = |db: &data::SimDatabase, ids: &[Uuid]| -> Result<Vec<usize>, Response> {
+        let by_ids = |db: &data::SimDatabase, ids: &[Uuid]| -> Result<Vec<usize>, AdminError> {
             ids.iter()
-                .map(|id| db.by_id.get(id).copied().ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no page {id}"))))
+                .map(|id| {
+                    db.by_id
+                        .get(id)
+                        .copied()
+                        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no page {id}")))
+                })
                 .collect()
         };
         let mut to_edit = by_ids(db, &m.edit_ids)?;
@@ -193,6 +223,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, Response> {
         for i in to_edit {
             let p = &mut db.pages[i];
             p.version += 1;
+            p.rendered = Default::default();
             p.last_edited = now.max(p.created);
             p.last_edited_by = users[rng.below(users.len() as u64) as usize];
             edited.push(p.id);
@@ -200,12 +231,14 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, Response> {
         for i in to_trash {
             let p = &mut db.pages[i];
             p.in_trash = true;
+            p.rendered = Default::default();
             p.last_edited = now.max(p.created);
             trashed.push(p.id);
         }
         for i in to_restore {
             let p = &mut db.pages[i];
             p.in_trash = false;
+            p.rendered = Default::default();
             p.last_edited = now.max(p.created);
             restored.push(p.id);
         }
@@ -220,6 +253,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, Response> {
                 in_trash: false,
                 created_by: users[rng.below(users.len() as u64) as usize],
                 last_edited_by: users[rng.below(users.len() as u64) as usize],
+                rendered: Default::default(),
             };
             db.by_id.insert(page.id, db.pages.len());
             created.push(page.id);

@@ -3,6 +3,7 @@
 //! so 100,000 pages cost a few megabytes; an edit bumps the version and `last_edited_time`.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value, json};
@@ -205,6 +206,8 @@ pub struct SimPage {
     pub in_trash: bool,
     pub created_by: Uuid,
     pub last_edited_by: Uuid,
+    /// The rendered page object per API version; cleared whenever the page changes.
+    pub rendered: [OnceLock<Arc<[u8]>>; 3],
 }
 
 #[derive(Debug, Clone)]
@@ -237,7 +240,10 @@ pub fn floor_minute(secs: i64) -> i64 {
 }
 
 pub fn iso(secs: i64) -> String {
-    Utc.timestamp_opt(secs, 0).single().unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    Utc.timestamp_opt(secs, 0)
+        .single()
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 const EPOCH_2026: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
@@ -281,6 +287,7 @@ impl Workspace {
                     in_trash: false,
                     created_by: ws.users[prng.below(5) as usize],
                     last_edited_by: ws.users[prng.below(5) as usize],
+                    rendered: Default::default(),
                 };
                 db.by_id.insert(page.id, db.pages.len());
                 ws.page_index.insert(page.id, d as usize);
@@ -306,9 +313,16 @@ impl Workspace {
 }
 
 /// Select options shared by every select-like property.
-pub const OPTIONS: [(&str, &str); 6] =
-    [("Alpha", "blue"), ("Beta", "green"), ("Gamma", "red"), ("Delta", "yellow"), ("Ω omega", "purple"), ("\"Quoted\"", "gray")];
-pub const STATUSES: [(&str, &str); 3] = [("Not started", "default"), ("In progress", "blue"), ("Done", "green")];
+pub const OPTIONS: [(&str, &str); 6] = [
+    ("Alpha", "blue"),
+    ("Beta", "green"),
+    ("Gamma", "red"),
+    ("Delta", "yellow"),
+    ("Ω omega", "purple"),
+    ("\"Quoted\"", "gray"),
+];
+pub const STATUSES: [(&str, &str); 3] =
+    [("Not started", "default"), ("In progress", "blue"), ("Done", "green")];
 
 fn option_id(name: &str) -> String {
     let mut rng = Rng::new(&[name.len() as u64, name.bytes().map(u64::from).sum()]);
@@ -317,6 +331,11 @@ fn option_id(name: &str) -> String {
 
 fn option(name: &str, color: &str) -> Value {
     json!({"id": option_id(name), "name": name, "color": color})
+}
+
+/// Builds an object from owned values (`json!` would deep-copy interpolated `Value`s).
+pub fn obj<const N: usize>(pairs: [(&str, Value); N]) -> Value {
+    Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 pub fn rich_text(content: &str) -> Value {
@@ -389,9 +408,7 @@ pub fn relation_count(seq: u64) -> u64 {
 pub fn relation_targets(db: &SimDatabase, page: &SimPage, seed: u64) -> Vec<Uuid> {
     let n = relation_count(page.seq);
     let mut rng = Rng::new(&[seed, db.index, page.seq, u64::from(page.version), 0x4E1]);
-    (0..n)
-        .filter_map(|_| db.pages.get(rng.below(db.pages.len() as u64) as usize).map(|p| p.id))
-        .collect()
+    (0..n).filter_map(|_| db.pages.get(rng.below(db.pages.len() as u64) as usize).map(|p| p.id)).collect()
 }
 
 /// A property's value for a page (the page-object form, relations truncated to 25).
@@ -400,13 +417,21 @@ pub fn property_value(ws: &Workspace, db: &SimDatabase, page: &SimPage, def: &Pr
     let seq = page.seq;
     let ty = def.kind.notion_type();
     let value = match def.kind {
-        Kind::Title => json!([rich_text(&format!("Task {} — v{}", seq + 1, page.version))]),
+        Kind::Title => Value::Array(vec![rich_text(&format!("Task {} — v{}", seq + 1, page.version))]),
         Kind::RichText => {
             let n = rng.below(3);
-            json!((0..n).map(|k| rich_text(&format!("note {k} for “{}” 'quoted' \\ \"x\"", seq))).collect::<Vec<_>>())
+            json!(
+                (0..n)
+                    .map(|k| rich_text(&format!("note {k} for “{}” 'quoted' \\ \"x\"", seq)))
+                    .collect::<Vec<_>>()
+            )
         }
         Kind::Number => {
-            if rng.below(10) == 0 { Value::Null } else { json!((rng.below(100_000) as f64) / 100.0) }
+            if rng.below(10) == 0 {
+                Value::Null
+            } else {
+                json!((rng.below(100_000) as f64) / 100.0)
+            }
         }
         Kind::Select | Kind::Status => {
             let opts: &[(&str, &str)] = if def.kind == Kind::Status { &STATUSES } else { &OPTIONS };
@@ -420,7 +445,14 @@ pub fn property_value(ws: &Workspace, db: &SimDatabase, page: &SimPage, def: &Pr
         Kind::MultiSelect => {
             let n = rng.below(4) as usize;
             let start = rng.below(OPTIONS.len() as u64) as usize;
-            json!((0..n).map(|k| { let (n, c) = OPTIONS[(start + k) % OPTIONS.len()]; option(n, c) }).collect::<Vec<_>>())
+            Value::Array(
+                (0..n)
+                    .map(|k| {
+                        let (n, c) = OPTIONS[(start + k) % OPTIONS.len()];
+                        option(n, c)
+                    })
+                    .collect(),
+            )
         }
         Kind::Date => {
             if rng.below(5) == 0 {
@@ -431,29 +463,48 @@ pub fn property_value(ws: &Workspace, db: &SimDatabase, page: &SimPage, def: &Pr
         }
         Kind::People => {
             let n = rng.below(3) as usize;
-            json!((0..n).map(|k| user(ws.users[(seq as usize + k) % ws.users.len()])).collect::<Vec<_>>())
+            Value::Array((0..n).map(|k| user(ws.users[(seq as usize + k) % ws.users.len()])).collect())
         }
         Kind::Relation => {
             let targets = relation_targets(db, page, ws.seed);
             let shown: Vec<Value> = targets.iter().take(25).map(|id| json!({"id": id})).collect();
-            return json!({"id": def.id, "type": "relation", "relation": shown, "has_more": targets.len() > 25});
+            return obj([
+                ("id", def.id.clone().into()),
+                ("type", "relation".into()),
+                ("relation", Value::Array(shown)),
+                ("has_more", (targets.len() > 25).into()),
+            ]);
         }
         Kind::Checkbox => json!(rng.below(2) == 0),
         Kind::Url => {
-            if rng.below(4) == 0 { Value::Null } else { json!(format!("https://example.com/tasks/{seq}?v={}", page.version)) }
+            if rng.below(4) == 0 {
+                Value::Null
+            } else {
+                json!(format!("https://example.com/tasks/{seq}?v={}", page.version))
+            }
         }
         Kind::Email => json!(format!("owner{}@example.com", rng.below(50))),
         Kind::Phone => json!(format!("+1-555-{:04}", rng.below(10_000))),
         Kind::FormulaString => json!({"type": "string", "string": format!("T{seq}/{}", rng.below(9))}),
         Kind::FormulaNumber => json!({"type": "number", "number": rng.below(1000)}),
         Kind::FormulaBoolean => json!({"type": "boolean", "boolean": rng.below(2) == 1}),
-        Kind::FormulaDate => json!({"type": "date", "date": date_value(page.last_edited + 7 * 86_400, false)}),
+        Kind::FormulaDate => {
+            json!({"type": "date", "date": date_value(page.last_edited + 7 * 86_400, false)})
+        }
         Kind::RollupNumber => json!({"type": "number", "number": rng.below(500), "function": "sum"}),
-        Kind::RollupDate => json!({"type": "date", "date": date_value(page.created, true), "function": "latest_date"}),
-        Kind::RollupArray => json!({
-            "type": "array", "function": "show_original",
-            "array": (0..rng.below(3)).map(|k| json!({"type": "number", "number": k})).collect::<Vec<_>>()
-        }),
+        Kind::RollupDate => obj([
+            ("type", "date".into()),
+            ("date", date_value(page.created, true)),
+            ("function", "latest_date".into()),
+        ]),
+        Kind::RollupArray => obj([
+            ("type", "array".into()),
+            ("function", "show_original".into()),
+            (
+                "array",
+                Value::Array((0..rng.below(3)).map(|k| json!({"type": "number", "number": k})).collect()),
+            ),
+        ]),
         Kind::Files => {
             if rng.below(3) == 0 {
                 json!([{"name": format!("spec-{seq}.pdf"), "type": "external",
@@ -486,7 +537,12 @@ pub fn property_value(ws: &Workspace, db: &SimDatabase, page: &SimPage, def: &Pr
 }
 
 /// All properties of a page, keyed by name; `only` trims to the given property ids.
-pub fn properties(ws: &Workspace, db: &SimDatabase, page: &SimPage, only: Option<&[String]>) -> Map<String, Value> {
+pub fn properties(
+    ws: &Workspace,
+    db: &SimDatabase,
+    page: &SimPage,
+    only: Option<&[String]>,
+) -> Map<String, Value> {
     db.schema
         .iter()
         .filter(|def| only.is_none_or(|ids| ids.iter().any(|id| id == &def.id)))
@@ -503,6 +559,14 @@ pub enum ApiVersion {
 }
 
 impl ApiVersion {
+    fn index(self) -> usize {
+        match self {
+            ApiVersion::V2022 => 0,
+            ApiVersion::V2025 => 1,
+            ApiVersion::V2026 => 2,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "2022-06-28" => Some(ApiVersion::V2022),
@@ -525,27 +589,43 @@ pub fn page_object(
         ApiVersion::V2022 => json!({"type": "database_id", "database_id": db.id}),
         _ => json!({"type": "data_source_id", "data_source_id": db.data_source_id, "database_id": db.id}),
     };
-    let mut obj = json!({
-        "object": "page",
-        "id": page.id,
-        "created_time": iso(page.created),
-        "last_edited_time": iso(page.last_edited),
-        "created_by": user(page.created_by),
-        "last_edited_by": user(page.last_edited_by),
-        "cover": null,
-        "icon": null,
-        "parent": parent,
-        "archived": page.in_trash,
-        "in_trash": page.in_trash,
-        "is_locked": false,
-        "properties": properties(ws, db, page, only),
-        "url": format!("https://www.notion.so/Task-{}", page.id.simple()),
-        "public_url": null,
-    });
+    let mut obj = obj([
+        ("object", "page".into()),
+        ("id", page.id.to_string().into()),
+        ("created_time", iso(page.created).into()),
+        ("last_edited_time", iso(page.last_edited).into()),
+        ("created_by", user(page.created_by)),
+        ("last_edited_by", user(page.last_edited_by)),
+        ("cover", Value::Null),
+        ("icon", Value::Null),
+        ("parent", parent),
+        ("archived", page.in_trash.into()),
+        ("in_trash", page.in_trash.into()),
+        ("is_locked", false.into()),
+        ("properties", Value::Object(properties(ws, db, page, only))),
+        ("url", format!("https://www.notion.so/Task-{}", page.id.simple()).into()),
+        ("public_url", Value::Null),
+    ]);
     if version == ApiVersion::V2026
         && let Some(map) = obj.as_object_mut()
     {
         map.insert("is_archived".into(), page.in_trash.into());
     }
     obj
+}
+
+/// The page object as JSON bytes; whole pages are rendered once per change and version.
+pub fn page_json(
+    ws: &Workspace,
+    db: &SimDatabase,
+    page: &SimPage,
+    version: ApiVersion,
+    only: Option<&[String]>,
+) -> Arc<[u8]> {
+    let render =
+        || Arc::from(serde_json::to_vec(&page_object(ws, db, page, version, only)).unwrap_or_default());
+    match only {
+        Some(_) => render(),
+        None => page.rendered[version.index()].get_or_init(render).clone(),
+    }
 }

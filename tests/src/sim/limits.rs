@@ -101,7 +101,14 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn record(&mut self, started: Instant, at: Instant, token: Option<usize>, endpoint: &'static str, status: u16) {
+    pub fn record(
+        &mut self,
+        started: Instant,
+        at: Instant,
+        token: Option<usize>,
+        endpoint: &'static str,
+        status: u16,
+    ) {
         self.requests_total += 1;
         if status == 429 {
             self.rate_limited_total += 1;

@@ -56,13 +56,16 @@ impl Filter {
         }
         let obj = v.as_object().ok_or_else(|| Invalid("body.filter should be an object".into()))?;
         if let Some(list) = obj.get("and").or(obj.get("or")) {
-            let items = list.as_array().ok_or_else(|| Invalid("compound filter should be an array".into()))?;
+            let items =
+                list.as_array().ok_or_else(|| Invalid("compound filter should be an array".into()))?;
             let parsed = items.iter().map(|f| Filter::parse(f, depth + 1)).collect::<Result<Vec<_>, _>>()?;
             return Ok(if obj.contains_key("and") { Filter::And(parsed) } else { Filter::Or(parsed) });
         }
         if let Some(ts) = obj.get("timestamp").and_then(Value::as_str) {
             let field = TsField::parse(ts).ok_or_else(|| {
-                Invalid(format!("body.filter.timestamp should be `created_time` or `last_edited_time`, instead was `{ts}`"))
+                Invalid(format!(
+                    "body.filter.timestamp should be `created_time` or `last_edited_time`, instead was `{ts}`"
+                ))
             })?;
             let cond = obj
                 .get(ts)
@@ -78,13 +81,18 @@ impl Filter {
                 "on_or_after" => Op::OnOrAfter,
                 other => return Err(Invalid(format!("body.filter.{ts}.{other} is not supported"))),
             };
-            let text = value.as_str().ok_or_else(|| Invalid(format!("body.filter.{ts}.{name} should be a string")))?;
-            let (at, date_only) = parse_date(text)
-                .ok_or_else(|| Invalid(format!("body.filter.{ts}.{name} should be an ISO 8601 date, instead was `{text}`")))?;
+            let text = value
+                .as_str()
+                .ok_or_else(|| Invalid(format!("body.filter.{ts}.{name} should be a string")))?;
+            let (at, date_only) = parse_date(text).ok_or_else(|| {
+                Invalid(format!("body.filter.{ts}.{name} should be an ISO 8601 date, instead was `{text}`"))
+            })?;
             return Ok(Filter::Ts { field, op, at, date_only });
         }
         if obj.contains_key("property") {
-            return Err(Invalid("notion-sim supports timestamp filters only (property filters are not simulated)".into()));
+            return Err(Invalid(
+                "notion-sim supports timestamp filters only (property filters are not simulated)".into(),
+            ));
         }
         Err(Invalid("body.filter should have `timestamp`, `and` or `or`".into()))
     }
@@ -149,12 +157,17 @@ impl Sort {
                     return Err(Invalid("notion-sim supports timestamp sorts only".into()));
                 }
                 let ts = one.get("timestamp").and_then(Value::as_str).unwrap_or_default();
-                let field = TsField::parse(ts)
-                    .ok_or_else(|| Invalid(format!("body.sorts[0].timestamp should be a timestamp, instead was `{ts}`")))?;
+                let field = TsField::parse(ts).ok_or_else(|| {
+                    Invalid(format!("body.sorts[0].timestamp should be a timestamp, instead was `{ts}`"))
+                })?;
                 let ascending = match one.get("direction").and_then(Value::as_str) {
                     Some("ascending") => true,
                     Some("descending") => false,
-                    _ => return Err(Invalid("body.sorts[0].direction should be `ascending` or `descending`".into())),
+                    _ => {
+                        return Err(Invalid(
+                            "body.sorts[0].direction should be `ascending` or `descending`".into(),
+                        ));
+                    }
                 };
                 Ok(Sort { field, ascending })
             }
@@ -173,7 +186,8 @@ pub struct Selection {
     pub next_after: Option<(i64, u64)>,
 }
 
-/// Selects the next `page_size` live pages after `after` in `sort` order. O(n) per call.
+/// Selects the next `page_size` live pages after `after` in `sort` order: one O(n log k) pass
+/// with a bounded heap, no allocation proportional to the database.
 pub fn select(
     db: &SimDatabase,
     filter: Option<&Filter>,
@@ -181,27 +195,37 @@ pub fn select(
     after: Option<(i64, u64)>,
     page_size: usize,
 ) -> Selection {
-    let beyond = |k: (i64, u64)| match after {
-        None => true,
-        Some(a) => if sort.ascending { k > a } else { k < a },
+    use std::collections::BinaryHeap;
+    // Normalise to "smaller comes first" so one heap serves both directions.
+    let rank = |k: (i64, u64)| -> (i64, i128) {
+        if sort.ascending { (k.0, i128::from(k.1)) } else { (-k.0, -i128::from(k.1)) }
     };
-    let mut candidates: Vec<((i64, u64), usize)> = db
-        .pages
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| !p.in_trash && filter.is_none_or(|f| f.matches(p)))
-        .map(|(i, p)| (sort.key(p), i))
-        .filter(|(k, _)| beyond(*k))
-        .collect();
-    let more = candidates.len() > page_size;
-    let cmp = |a: &((i64, u64), usize), b: &((i64, u64), usize)| {
-        if sort.ascending { a.0.cmp(&b.0) } else { b.0.cmp(&a.0) }
-    };
-    if more {
-        candidates.select_nth_unstable_by(page_size, cmp);
-        candidates.truncate(page_size);
+    let after_rank = after.map(rank);
+    // A max-heap of the best `page_size + 1` candidates (the extra one tells "has more").
+    let mut heap: BinaryHeap<((i64, i128), usize)> = BinaryHeap::with_capacity(page_size + 2);
+    for (i, p) in db.pages.iter().enumerate() {
+        if p.in_trash {
+            continue;
+        }
+        let r = rank(sort.key(p));
+        if after_rank.is_some_and(|a| r <= a) {
+            continue;
+        }
+        if heap.len() > page_size && heap.peek().is_some_and(|top| r >= top.0) {
+            continue;
+        }
+        if !filter.is_none_or(|f| f.matches(p)) {
+            continue;
+        }
+        heap.push((r, i));
+        if heap.len() > page_size + 1 {
+            heap.pop();
+        }
     }
-    candidates.sort_unstable_by(cmp);
-    let next_after = if more { candidates.last().map(|c| c.0) } else { None };
-    Selection { indices: candidates.into_iter().map(|c| c.1).collect(), next_after }
+    let mut best: Vec<((i64, i128), usize)> = heap.into_vec();
+    best.sort_unstable();
+    let more = best.len() > page_size;
+    best.truncate(page_size);
+    let next_after = if more { best.last().map(|&(_, i)| sort.key(&db.pages[i])) } else { None };
+    Selection { indices: best.into_iter().map(|(_, i)| i).collect(), next_after }
 }

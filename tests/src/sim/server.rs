@@ -119,7 +119,12 @@ impl SimState {
                 latency_ms: config.latency_ms,
                 jitter_ms: config.jitter_ms,
             }),
-            workspace: RwLock::new(Workspace::generate(config.seed, config.databases, config.pages, chrono::Utc::now())),
+            workspace: RwLock::new(Workspace::generate(
+                config.seed,
+                config.databases,
+                config.pages,
+                chrono::Utc::now(),
+            )),
             limiters: Mutex::new(vec![Gcra::new(); config.tokens.len()]),
             stats: Mutex::new(Stats::default()),
             cursors: Mutex::new(HashMap::new()),
@@ -227,6 +232,26 @@ impl SimServer {
     }
 }
 
+/// A Notion-style error, as a value (cheap to return through `Result`).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        notion_error(self.status, self.code, self.message)
+    }
+}
+
 /// A Notion-style error response.
 pub fn notion_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = json!({
@@ -265,7 +290,9 @@ impl Route {
             ["v1", "data_sources", id] if get => Route::RetrieveDataSource(id.to_string()),
             ["v1", "data_sources", id, "query"] if post => Route::QueryDataSource(id.to_string()),
             ["v1", "pages", id] if get => Route::RetrievePage(id.to_string()),
-            ["v1", "pages", id, "properties", prop] if get => Route::PageProperty(id.to_string(), prop.to_string()),
+            ["v1", "pages", id, "properties", prop] if get => {
+                Route::PageProperty(id.to_string(), prop.to_string())
+            }
             ["v1", "blocks", id, "children"] if get => Route::BlockChildren(id.to_string()),
             ["v1", "search"] if post => Route::Search,
             ["v1", "users"] if get => Route::Users,
@@ -362,15 +389,19 @@ async fn gate(
     };
     if let Some(Err(wait)) = limited {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response =
-            notion_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "You have been rate limited. Please try again in a few minutes.");
+        let mut response = notion_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "You have been rate limited. Please try again in a few minutes.",
+        );
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             response.headers_mut().insert(header::RETRY_AFTER, v);
         }
         return response;
     }
     if runtime.latency_ms > 0 || runtime.jitter_ms > 0 {
-        let jitter = if runtime.jitter_ms > 0 { rand::rng().random_range(0..=runtime.jitter_ms * 2) } else { 0 };
+        let jitter =
+            if runtime.jitter_ms > 0 { rand::rng().random_range(0..=runtime.jitter_ms * 2) } else { 0 };
         let ms = (runtime.latency_ms + jitter).saturating_sub(runtime.jitter_ms);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }

@@ -29,7 +29,9 @@ async fn a_rate_limit_pauses_and_the_same_job_continues() {
     let sim = SimConfig { pages: 300, rate: 0.0, ..SimConfig::default() };
     let mut env = TestEnv::start(sim).await.expect("test env");
     let db = env.register("acme", 50.0, 10, 0).await.expect("register");
-    env.sim_admin("faults", serde_json::json!({"status": 429, "retry_after": 1, "count": 1})).await.expect("faults");
+    env.sim_admin("faults", serde_json::json!({"status": 429, "retry_after": 1, "count": 1}))
+        .await
+        .expect("faults");
     env.spawn_worker(1).expect("worker");
     let run = env.enqueue("acme", db, SyncMode::Full).await.expect("enqueue");
     let row = env.wait_run(run, LONG).await.expect("run ends");

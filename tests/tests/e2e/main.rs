@@ -4,6 +4,7 @@
 mod failures;
 mod full_sync;
 mod poison;
+mod publish;
 mod shutdown;
 mod sim_conformance;
 mod startup;

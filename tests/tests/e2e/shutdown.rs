@@ -23,7 +23,8 @@ async fn sigterm_mid_sync_requeues_and_a_new_worker_finishes_without_loss_or_dup
     env.signal_worker(first, Signal::SIGTERM).expect("SIGTERM");
     let code = env.wait_worker_exit(first, SHORT).await.expect("worker exits");
     assert_eq!(code, Some(0), "a graceful stop exits 0\n{}", env.log_tail());
-    let interrupted = env.wait_run_until(run, SHORT, |r| r.status == "queued").await.expect("run is back in the queue");
+    let interrupted =
+        env.wait_run_until(run, SHORT, |r| r.status == "queued").await.expect("run is back in the queue");
     assert!(interrupted.pages_seen < pages as i64, "stopped mid-sync: {interrupted:?}");
     assert!(interrupted.checkpoint.is_some());
 

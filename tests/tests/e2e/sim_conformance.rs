@@ -17,7 +17,8 @@ struct Sim {
 impl Sim {
     async fn start(pages: u64, rate: f64) -> Sim {
         let config = SimConfig { pages, rate, burst: 3, ..SimConfig::default() };
-        let server = SimServer::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("sim starts");
+        let server =
+            SimServer::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("sim starts");
         Sim { server, http: reqwest::Client::new() }
     }
 
@@ -26,7 +27,13 @@ impl Sim {
         (ws.databases[0].id.to_string(), ws.databases[0].data_source_id.to_string())
     }
 
-    async fn call(&self, method: &str, path: &str, version: Option<&str>, body: Option<Value>) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        version: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
         let url = format!("{}{}", self.server.base_url(), path);
         let mut req = match method {
             "POST" => self.http.post(&url),
@@ -47,7 +54,8 @@ impl Sim {
     }
 
     async fn query(&self, ds: &str, body: Value) -> (StatusCode, Value) {
-        let (s, _, b) = self.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2025-09-03"), Some(body)).await;
+        let (s, _, b) =
+            self.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2025-09-03"), Some(body)).await;
         (s, b)
     }
 
@@ -77,7 +85,12 @@ async fn pagination_returns_every_page_once_in_pages_of_at_most_100() {
     assert_eq!(first["type"], "page_or_data_source");
     assert_eq!(first["results"].as_array().map(Vec::len), Some(100), "default page_size is 100");
     assert_eq!(first["has_more"], true);
-    let all = sim.query_all(&ds, json!({"page_size": 70, "sorts": [{"timestamp": "created_time", "direction": "ascending"}]})).await;
+    let all = sim
+        .query_all(
+            &ds,
+            json!({"page_size": 70, "sorts": [{"timestamp": "created_time", "direction": "ascending"}]}),
+        )
+        .await;
     let ids: HashSet<&str> = all.iter().filter_map(|p| p["id"].as_str()).collect();
     assert_eq!(all.len(), 250);
     assert_eq!(ids.len(), 250, "no page twice");
@@ -149,8 +162,9 @@ async fn over_the_rate_limit_it_answers_429_with_an_integer_retry_after() {
     let (_, ds) = sim.info();
     let mut limited = None;
     for _ in 0..10 {
-        let (s, headers, body) =
-            sim.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2025-09-03"), Some(json!({}))).await;
+        let (s, headers, body) = sim
+            .call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2025-09-03"), Some(json!({})))
+            .await;
         if s == StatusCode::TOO_MANY_REQUESTS {
             limited = Some((headers, body));
             break;
@@ -163,7 +177,12 @@ async fn over_the_rate_limit_it_answers_429_with_an_integer_retry_after() {
     let retry_after = headers.get("retry-after").and_then(|v| v.to_str().ok()).expect("Retry-After");
     let secs: u64 = retry_after.parse().expect("an integer number of seconds");
     assert!(secs >= 1);
-    let stats: Value = reqwest::get(format!("{}/_sim/stats", sim.server.base_url())).await.expect("stats").json().await.expect("json");
+    let stats: Value = reqwest::get(format!("{}/_sim/stats", sim.server.base_url()))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(stats["rate_limited_total"], 1);
     assert_eq!(stats["per_token"]["t0"]["max_admitted_in_any_1s"], 3);
     sim.server.stop().await;
@@ -174,7 +193,14 @@ async fn auth_and_the_version_header_are_required() {
     let sim = Sim::start(5, 0.0).await;
     let (db, _) = sim.info();
     let url = format!("{}/v1/databases/{db}", sim.server.base_url());
-    let resp = sim.http.get(&url).bearer_auth("wrong").header("Notion-Version", "2025-09-03").send().await.expect("send");
+    let resp = sim
+        .http
+        .get(&url)
+        .bearer_auth("wrong")
+        .header("Notion-Version", "2025-09-03")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["code"], "unauthorized");
@@ -188,7 +214,8 @@ async fn auth_and_the_version_header_are_required() {
     assert_eq!(body["code"], "validation_error");
     let (s, _, body) = sim.call("GET", "/v1/databases/not-a-uuid", Some("2025-09-03"), None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
-    let (s, _, body) = sim.call("GET", &format!("/v1/databases/{}", uuid::Uuid::new_v4()), Some("2025-09-03"), None).await;
+    let (s, _, body) =
+        sim.call("GET", &format!("/v1/databases/{}", uuid::Uuid::new_v4()), Some("2025-09-03"), None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "object_not_found");
     sim.server.stop().await;
@@ -208,7 +235,11 @@ async fn cursors_are_session_scoped_and_an_unknown_one_is_rejected() {
     let other = json!({"start_cursor": cursor, "filter": {"timestamp": "created_time", "created_time": {"after": "2020-01-01"}}});
     assert_eq!(sim.query(&ds, other).await.0, StatusCode::BAD_REQUEST);
     assert_eq!(sim.query(&ds, json!({"start_cursor": cursor})).await.0, StatusCode::OK);
-    sim.http.post(format!("{}/_sim/invalidate-cursors", sim.server.base_url())).send().await.expect("invalidate");
+    sim.http
+        .post(format!("{}/_sim/invalidate-cursors", sim.server.base_url()))
+        .send()
+        .await
+        .expect("invalidate");
     assert_eq!(sim.query(&ds, json!({"start_cursor": cursor})).await.0, StatusCode::BAD_REQUEST);
     sim.server.stop().await;
 }
@@ -222,30 +253,77 @@ async fn each_api_version_gets_its_own_shapes() {
     assert!(new.get("properties").is_none());
     let (_, _, old) = sim.call("GET", &format!("/v1/databases/{db}"), Some("2022-06-28"), None).await;
     assert!(old["properties"]["Name"]["type"] == "title");
-    let (s, _, rows) = sim.call("POST", &format!("/v1/databases/{db}/query"), Some("2022-06-28"), Some(json!({}))).await;
+    let (s, _, rows) =
+        sim.call("POST", &format!("/v1/databases/{db}/query"), Some("2022-06-28"), Some(json!({}))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(rows["results"][0]["parent"]["type"], "database_id");
-    let (s, _, _) = sim.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2022-06-28"), Some(json!({}))).await;
+    let (s, _, _) =
+        sim.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2022-06-28"), Some(json!({}))).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (_, _, schema) = sim.call("GET", &format!("/v1/data_sources/{ds}"), Some("2025-09-03"), None).await;
-    let types: HashSet<&str> = schema["properties"].as_object().expect("props").values().filter_map(|p| p["type"].as_str()).collect();
-    for t in ["title", "rich_text", "number", "select", "multi_select", "status", "date", "people", "relation", "checkbox", "url",
-              "email", "phone_number", "formula", "rollup", "files", "created_time", "created_by", "last_edited_time",
-              "last_edited_by", "unique_id", "verification", "button", "place"] {
+    let types: HashSet<&str> = schema["properties"]
+        .as_object()
+        .expect("props")
+        .values()
+        .filter_map(|p| p["type"].as_str())
+        .collect();
+    for t in [
+        "title",
+        "rich_text",
+        "number",
+        "select",
+        "multi_select",
+        "status",
+        "date",
+        "people",
+        "relation",
+        "checkbox",
+        "url",
+        "email",
+        "phone_number",
+        "formula",
+        "rollup",
+        "files",
+        "created_time",
+        "created_by",
+        "last_edited_time",
+        "last_edited_by",
+        "unique_id",
+        "verification",
+        "button",
+        "place",
+    ] {
         assert!(types.contains(t), "schema lacks {t}");
     }
     assert!(schema["properties"].get("ü 名前 🚀").is_some());
-    let (_, _, v2026) = sim.call("POST", &format!("/v1/data_sources/{ds}/query"), Some("2026-03-11"), Some(json!({"page_size": 1}))).await;
+    let (_, _, v2026) = sim
+        .call(
+            "POST",
+            &format!("/v1/data_sources/{ds}/query"),
+            Some("2026-03-11"),
+            Some(json!({"page_size": 1})),
+        )
+        .await;
     let page = &v2026["results"][0];
     assert_eq!(page["is_archived"], false);
     assert_eq!(page["in_trash"], false);
     assert_eq!(page["parent"]["type"], "data_source_id");
-    for (path, kind) in [("/v1/users", "user"), (&format!("/v1/blocks/{}/children", page["id"].as_str().unwrap_or_default()), "block")] {
+    for (path, kind) in [
+        ("/v1/users", "user"),
+        (&format!("/v1/blocks/{}/children", page["id"].as_str().unwrap_or_default()), "block"),
+    ] {
         let (s, _, list) = sim.call("GET", path, Some("2025-09-03"), None).await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(list["type"], kind);
     }
-    let (s, _, found) = sim.call("POST", "/v1/search", Some("2025-09-03"), Some(json!({"filter": {"property": "object", "value": "data_source"}}))).await;
+    let (s, _, found) = sim
+        .call(
+            "POST",
+            "/v1/search",
+            Some("2025-09-03"),
+            Some(json!({"filter": {"property": "object", "value": "data_source"}})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(found["results"][0]["object"], "data_source");
     sim.server.stop().await;
@@ -256,7 +334,10 @@ async fn relations_over_25_are_truncated_in_the_page_and_complete_via_the_proper
     let sim = Sim::start(600, 0.0).await;
     let (_, ds) = sim.info();
     let all = sim.query_all(&ds, json!({})).await;
-    let page = all.iter().find(|p| p["properties"]["Related"]["has_more"] == true).expect("a page with > 25 relations");
+    let page = all
+        .iter()
+        .find(|p| p["properties"]["Related"]["has_more"] == true)
+        .expect("a page with > 25 relations");
     assert_eq!(page["properties"]["Related"]["relation"].as_array().map(Vec::len), Some(25));
     let id = page["id"].as_str().expect("id");
     let mut items = Vec::new();
@@ -288,7 +369,16 @@ async fn injected_faults_and_trash_behave_like_notion() {
     assert_eq!(sim.query(&ds, json!({})).await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(sim.query(&ds, json!({})).await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(sim.query(&ds, json!({})).await.0, StatusCode::OK);
-    let trashed: Value = sim.http.post(admin("mutate")).json(&json!({"database_id": db, "trash": 3})).send().await.expect("m").json().await.expect("j");
+    let trashed: Value = sim
+        .http
+        .post(admin("mutate"))
+        .json(&json!({"database_id": db, "trash": 3}))
+        .send()
+        .await
+        .expect("m")
+        .json()
+        .await
+        .expect("j");
     assert_eq!(trashed["trashed"].as_array().map(Vec::len), Some(3));
     assert_eq!(sim.query_all(&ds, json!({})).await.len(), 27, "trashed pages leave query results");
     let export: Value = reqwest::get(admin("export")).await.expect("export").json().await.expect("json");

@@ -17,7 +17,10 @@ async fn run_worker(env: &[(&str, &str)]) -> (Option<i32>, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output()).await.expect("exits in time").expect("runs");
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("exits in time")
+        .expect("runs");
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -38,15 +41,26 @@ async fn a_malformed_setting_names_the_key_and_exits_2() {
 async fn dead_servers_are_named_with_their_password_masked() {
     let pg = "postgres://app:pg-hunter2@127.0.0.1:1/syncfleet";
     let cases = [
-        (vec![("SYNCFLEET_DATABASE__URL", pg)], "PostgreSQL", "postgres://app:****@127.0.0.1:1/syncfleet", "pg-hunter2"),
         (
-            vec![("SYNCFLEET_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres"), ("SYNCFLEET_REDIS__URL", "redis://:rd-hunter2@127.0.0.1:1")],
+            vec![("SYNCFLEET_DATABASE__URL", pg)],
+            "PostgreSQL",
+            "postgres://app:****@127.0.0.1:1/syncfleet",
+            "pg-hunter2",
+        ),
+        (
+            vec![
+                ("SYNCFLEET_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+                ("SYNCFLEET_REDIS__URL", "redis://:rd-hunter2@127.0.0.1:1"),
+            ],
             "Redis",
             "redis://:****@127.0.0.1:1",
             "rd-hunter2",
         ),
         (
-            vec![("SYNCFLEET_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres"), ("SYNCFLEET_AMQP__URL", "amqp://guest:mq-hunter2@127.0.0.1:1/%2f")],
+            vec![
+                ("SYNCFLEET_DATABASE__URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+                ("SYNCFLEET_AMQP__URL", "amqp://guest:mq-hunter2@127.0.0.1:1/%2f"),
+            ],
             "RabbitMQ",
             "amqp://guest:****@127.0.0.1:1/%2f",
             "mq-hunter2",
@@ -67,12 +81,20 @@ async fn an_unreachable_notion_is_a_clear_error_for_the_producer() {
     let mut settings = env.settings.clone();
     settings.notion.base_url = "http://127.0.0.1:1".into();
     settings.notion.max_transient_retries = 0;
-    syncfleet_producer::commands::integration::save(&settings, "acme", None, None, None, &SecretString::from("secret_x".to_string()))
-        .await
-        .expect("save");
-    let err = syncfleet_producer::commands::database::add(&settings, "acme", uuid::Uuid::new_v4(), None, None)
-        .await
-        .expect_err("Notion is down");
+    syncfleet_producer::commands::integration::save(
+        &settings,
+        "acme",
+        None,
+        None,
+        None,
+        &SecretString::from("secret_x".to_string()),
+    )
+    .await
+    .expect("save");
+    let err =
+        syncfleet_producer::commands::database::add(&settings, "acme", uuid::Uuid::new_v4(), None, None)
+            .await
+            .expect_err("Notion is down");
     let text = format!("{err:#}");
     assert!(text.contains("Notion") && text.contains("http://127.0.0.1:1"), "{text}");
     assert!(!text.contains("secret_x"), "{text}");
