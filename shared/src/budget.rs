@@ -1,14 +1,16 @@
 //! The rate budget every Notion request waits on.
 //!
-//! [`LocalBudget`] is a per-process GCRA: it paces one process at the integration's rate and
-//! turns a `Retry-After` into a pause for every task of that process. A fleet-wide budget in
-//! Redis replaces it behind the same [`Budget`] API.
+//! [`Budget::Redis`] is the fleet-wide budget every worker replica and the producer share (see
+//! `budget_redis`). [`LocalBudget`] is the same GCRA inside one process, for tools that run
+//! without Redis.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+pub use crate::budget_redis::BudgetError;
 
 /// Which budget a request draws from, and its shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,10 +23,12 @@ pub struct BudgetKey {
 }
 
 impl BudgetKey {
-    fn interval(&self) -> Duration {
+    /// Time between two requests at the configured rate.
+    pub fn interval(&self) -> Duration {
         Duration::from_secs_f64(1.0 / self.rate.max(0.001))
     }
-    fn tolerance(&self) -> Duration {
+    /// How far ahead of schedule a burst may run.
+    pub fn tolerance(&self) -> Duration {
         self.interval() * self.burst.saturating_sub(1)
     }
 }
@@ -32,6 +36,8 @@ impl BudgetKey {
 /// A rate budget shared by the tasks that hold a clone.
 #[derive(Debug, Clone)]
 pub enum Budget {
+    /// Shared by the whole fleet through Redis.
+    Redis(crate::budget_redis::RedisBudget),
     Local(LocalBudget),
     /// No pacing at all (benchmarks against an unthrottled simulator).
     Unlimited,
@@ -42,19 +48,33 @@ impl Budget {
         Budget::Local(LocalBudget::default())
     }
 
-    /// Reserves the next slot and returns how long to sleep before using it.
-    pub async fn acquire(&self, key: &BudgetKey) -> Duration {
+    /// Waits (sleeping, never spinning) until this caller may send its next request.
+    pub async fn acquire(&self, key: &BudgetKey) -> Result<(), BudgetError> {
         match self {
-            Budget::Local(b) => b.acquire(key),
-            Budget::Unlimited => Duration::ZERO,
+            Budget::Redis(b) => b.acquire(key).await,
+            Budget::Local(b) => {
+                let wait = b.reserve(key);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(())
+            }
+            Budget::Unlimited => Ok(()),
         }
     }
 
     /// No request may start for `retry_after` (a 429/529 from Notion).
-    pub async fn pause(&self, key: &BudgetKey, retry_after: Duration) {
+    pub async fn pause(&self, key: &BudgetKey, retry_after: Duration) -> Result<(), BudgetError> {
         match self {
-            Budget::Local(b) => b.pause(key, retry_after),
-            Budget::Unlimited => tokio::time::sleep(retry_after).await,
+            Budget::Redis(b) => b.pause(key, retry_after).await,
+            Budget::Local(b) => {
+                b.pause(key, retry_after);
+                Ok(())
+            }
+            Budget::Unlimited => {
+                tokio::time::sleep(retry_after).await;
+                Ok(())
+            }
         }
     }
 }
@@ -66,7 +86,8 @@ pub struct LocalBudget {
 }
 
 impl LocalBudget {
-    fn acquire(&self, key: &BudgetKey) -> Duration {
+    /// Reserves the next slot; returns how long until it.
+    pub fn reserve(&self, key: &BudgetKey) -> Duration {
         let now = Instant::now();
         let mut map = self.tat.lock().unwrap_or_else(|p| p.into_inner());
         let tat = map.get(&key.integration).copied().unwrap_or(now).max(now);
@@ -96,10 +117,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn admits_a_burst_then_paces_at_the_rate() {
-        let budget = Budget::local();
+        let budget = LocalBudget::default();
         let mut waits = Vec::new();
         for _ in 0..6 {
-            waits.push(budget.acquire(&key()).await);
+            waits.push(budget.reserve(&key()));
         }
         let ms: Vec<u128> = waits.iter().map(|d| d.as_millis()).collect();
         assert_eq!(&ms[..3], &[0, 0, 0]);
@@ -109,9 +130,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_caller_for_retry_after() {
-        let budget = Budget::local();
-        budget.pause(&key(), Duration::from_secs(2)).await;
-        assert!(budget.acquire(&key()).await >= Duration::from_secs(2));
-        assert!(budget.acquire(&key()).await >= Duration::from_secs(2));
+        let budget = LocalBudget::default();
+        budget.pause(&key(), Duration::from_secs(2));
+        assert!(budget.reserve(&key()) >= Duration::from_secs(2));
+        assert!(budget.reserve(&key()) >= Duration::from_secs(2));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod amqp;
 pub mod budget;
+pub mod budget_redis;
 pub mod config;
 pub mod crypto;
 pub mod db;

@@ -7,6 +7,7 @@ use sea_orm::{EntityTrait, Set};
 use serde_json::Value;
 use syncfleet_shared::Settings;
 use syncfleet_shared::budget::{Budget, BudgetKey};
+use syncfleet_shared::budget_redis::RedisBudget;
 use syncfleet_shared::db::entities::{integration, notion_database};
 use syncfleet_shared::notion::types::{DataSourceObject, DatabaseObject, plain_text};
 use syncfleet_shared::notion::{Endpoint, NotionClient, NotionSession};
@@ -30,13 +31,11 @@ pub async fn add(
         rate: integ.rate_per_second,
         burst: integ.burst.max(1) as u32,
     };
-    let session = NotionSession::new(
-        NotionClient::new(&settings.notion)?,
-        token,
-        Budget::local(),
-        key,
-        &settings.notion,
-    );
+    // Schema reads spend the same fleet-wide budget as the workers' syncs.
+    let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
+    let budget = Budget::Redis(RedisBudget::new(redis, &settings.redis.key_prefix));
+    let session =
+        NotionSession::new(NotionClient::new(&settings.notion)?, token, budget, key, &settings.notion);
 
     let database: DatabaseObject = session
         .request::<(), _>(Endpoint::RetrieveDatabase, &format!("/v1/databases/{id}"), None)

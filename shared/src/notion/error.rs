@@ -28,6 +28,8 @@ pub enum NotionError {
     Decode { endpoint: &'static str, message: String },
     #[error("gave up after waiting {0:?} on Retry-After")]
     RateWaitExceeded(Duration),
+    #[error(transparent)]
+    Budget(#[from] crate::budget_redis::BudgetError),
 }
 
 impl NotionError {
@@ -39,9 +41,10 @@ impl NotionError {
                 _ => FailureClass::Permanent,
             },
             NotionError::InvalidCursor => FailureClass::Permanent,
-            NotionError::Transport { .. } | NotionError::Decode { .. } | NotionError::RateWaitExceeded(_) => {
-                FailureClass::Transient
-            }
+            NotionError::Transport { .. }
+            | NotionError::Decode { .. }
+            | NotionError::RateWaitExceeded(_)
+            | NotionError::Budget(_) => FailureClass::Transient,
         }
     }
 
@@ -59,6 +62,7 @@ impl NotionError {
             NotionError::Transport { .. } => "notion_unreachable",
             NotionError::Decode { .. } => "notion_bad_response",
             NotionError::RateWaitExceeded(_) => "notion_rate_wait_exceeded",
+            NotionError::Budget(_) => "budget_unavailable",
         }
     }
 }

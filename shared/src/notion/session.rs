@@ -83,10 +83,7 @@ impl NotionSession {
         let mut transient_failures = 0u32;
         let mut rate_waited = Duration::ZERO;
         loop {
-            let wait = self.budget.acquire(&self.key).await;
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+            self.budget.acquire(&self.key).await?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let result = self.client.send(&self.token, endpoint, path, body).await;
             let error = match result {
@@ -110,7 +107,7 @@ impl NotionSession {
                         retry_after_ms = retry_after.as_millis() as u64,
                         "Notion rate limited the integration; pausing it."
                     );
-                    self.budget.pause(&self.key, retry_after).await;
+                    self.budget.pause(&self.key, retry_after).await?;
                 }
                 FailureClass::Transient if transient_failures < self.max_transient_retries => {
                     transient_failures += 1;

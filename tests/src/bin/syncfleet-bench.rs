@@ -32,6 +32,28 @@ enum Cmd {
         #[arg(long, env = "DEMO_WORKERS", default_value_t = 3)]
         workers: usize,
     },
+    /// Hammer one integration's shared budget from `tasks` tasks for `secs` seconds, sending
+    /// `GET /v1/users` to a simulator after each admission; prints a JSON summary.
+    Hammer {
+        #[arg(long)]
+        sim: String,
+        #[arg(long, env = "HAMMER_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, default_value = "hammer")]
+        integration: String,
+        #[arg(long, default_value_t = 3.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 3)]
+        burst: u32,
+        #[arg(long, default_value_t = 8)]
+        tasks: usize,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
     /// Run benchmark scenarios; each prints one JSON line.
     Run {
         /// unthrottled, demo, or all
@@ -49,6 +71,9 @@ async fn main() -> ExitCode {
     let result = match args.command {
         Cmd::Demo { pages, rate, workers } => demo(pages, rate, workers).await.map(|_| ()),
         Cmd::Run { scenario, pages } => run(&scenario, pages).await,
+        Cmd::Hammer { sim, token, redis, prefix, integration, rate, burst, tasks, secs } => {
+            hammer(HammerArgs { sim, token, redis, prefix, integration, rate, burst, tasks, secs }).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,4 +274,67 @@ async fn unthrottled(pages: u64) -> anyhow::Result<()> {
     fleet.stop().await;
     syncfleet_tests::fleet::drop_database("syncfleet_bench_unthrottled").await;
     result
+}
+
+struct HammerArgs {
+    sim: String,
+    token: String,
+    redis: String,
+    prefix: String,
+    integration: String,
+    rate: f64,
+    burst: u32,
+    tasks: usize,
+    secs: f64,
+}
+
+/// Many tasks in one process, all drawing on one shared budget (run several processes at once).
+async fn hammer(a: HammerArgs) -> anyhow::Result<()> {
+    use secrecy::SecretString;
+    use syncfleet_shared::budget::{Budget, BudgetKey};
+    use syncfleet_shared::budget_redis::RedisBudget;
+    use syncfleet_shared::notion::{Endpoint, NotionClient, NotionSession};
+
+    let mut settings = syncfleet_shared::Settings::default();
+    settings.redis.url = SecretString::from(a.redis.clone());
+    settings.notion.base_url = a.sim.clone();
+    let pool = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
+    let budget = Budget::Redis(RedisBudget::new(pool, &a.prefix));
+    let key = BudgetKey { integration: a.integration.clone(), rate: a.rate, burst: a.burst };
+    let session = NotionSession::new(
+        NotionClient::new(&settings.notion)?,
+        SecretString::from(a.token),
+        budget,
+        key,
+        &settings.notion,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(a.secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..a.tasks {
+        let session = session.clone();
+        tasks.spawn(async move {
+            let mut ok = 0u64;
+            while std::time::Instant::now() < deadline {
+                let sent = session.request::<(), serde_json::Value>(Endpoint::Users, "/v1/users", None);
+                match tokio::time::timeout(
+                    deadline.saturating_duration_since(std::time::Instant::now()),
+                    sent,
+                )
+                .await
+                {
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(e)) => return Err(anyhow::anyhow!(e)),
+                    Err(_) => break,
+                }
+            }
+            Ok(ok)
+        });
+    }
+    let mut ok = 0;
+    while let Some(joined) = tasks.join_next().await {
+        ok += joined??;
+    }
+    let (requests, rate_limited) = session.stats().take();
+    println!("{}", json!({"ok": ok, "requests": requests, "rate_limited": rate_limited}));
+    Ok(())
 }

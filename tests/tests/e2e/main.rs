@@ -1,6 +1,7 @@
 //! The end-to-end suite: real PostgreSQL, RabbitMQ and Redis, and `notion-sim` over HTTP.
 //! Each test has its own database, queue names and key prefix, so they run in parallel.
 
+mod budget;
 mod failures;
 mod full_sync;
 mod poison;

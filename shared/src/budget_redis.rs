@@ -1,0 +1,192 @@
+//! The fleet-wide rate budget: one GCRA per integration in Redis, computed in a Lua script that
+//! reads Redis `TIME`, so every worker replica shares one clock and one schedule.
+//!
+//! `acquire` reserves the next slot and returns how long to sleep before using it (callers sleep,
+//! never spin). A reservation never reaches more than the horizon into the future: beyond it the
+//! script reserves nothing and says when to ask again. A 429/529 moves the schedule to at least
+//! `now + Retry-After`, pausing the whole fleet at once. A key holding garbage or the wrong type
+//! is reset by the script and reported, so a corrupted budget heals instead of failing forever.
+
+use std::time::Duration;
+
+use deadpool_redis::Pool;
+use redis::Script;
+
+use crate::budget::BudgetKey;
+
+/// How far ahead one reservation may reach.
+pub const DEFAULT_HORIZON: Duration = Duration::from_secs(10);
+
+/// Taken off the burst tolerance. Notion (and notion-sim) start their own schedule at the first
+/// request's *arrival*; if a later request travels faster than that one did, it arrives "early"
+/// by the difference. 50 ms of margin absorbs loopback and LAN jitter and costs nothing at the
+/// steady rate (only the very first burst is 50 ms slower).
+pub const SAFETY_MARGIN: Duration = Duration::from_millis(50);
+
+// KEYS[1] gcra key; ARGV[1] interval µs, ARGV[2] tolerance µs, ARGV[3] horizon µs.
+// Returns {wait_us, reserved (1/0), repaired (1/0)}.
+const ACQUIRE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[3])
+local repaired = 0
+local ok, raw = pcall(redis.call, 'GET', KEYS[1])
+if not ok then
+  redis.call('DEL', KEYS[1])
+  raw = false
+  repaired = 1
+end
+local tat = tonumber(raw)
+if raw and not tat then repaired = 1 end
+if not tat or tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+if wait > horizon then
+  return {wait - horizon, 0, repaired}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 60000)
+return {wait, 1, repaired}
+"#;
+
+// KEYS[1] gcra key, KEYS[2] pause key; ARGV[1] pause µs, ARGV[2] tolerance µs. Moves the schedule
+// so that the next admission is no earlier than now + pause, and marks the pause itself so that
+// slots reserved before it was known are not used during it.
+const PAUSE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause_us = tonumber(ARGV[1])
+local target = now + pause_us + tonumber(ARGV[2])
+redis.call('SET', KEYS[2], '1', 'PX', math.max(1, math.floor(pause_us / 1000)))
+local ok, raw = pcall(redis.call, 'GET', KEYS[1])
+if not ok then redis.call('DEL', KEYS[1]) raw = false end
+local tat = tonumber(raw) or 0
+if tat < target then
+  redis.call('SET', KEYS[1], string.format('%d', target), 'PX', math.floor((target - now) / 1000) + 60000)
+end
+return 1
+"#;
+
+/// Why the budget could not be consulted (Redis down, or a script error).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the rate budget in Redis is unavailable: {0}")]
+pub struct BudgetError(pub String);
+
+/// One slot request's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Reserved: sleep this long, then send.
+    Reserved(Duration),
+    /// Beyond the horizon: nothing reserved; ask again after this long.
+    RetryAfter(Duration),
+}
+
+/// The shared budget. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBudget {
+    pool: Pool,
+    prefix: String,
+    horizon: Duration,
+    acquire: std::sync::Arc<Script>,
+    pause: std::sync::Arc<Script>,
+}
+
+impl std::fmt::Debug for RedisBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBudget").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+impl RedisBudget {
+    pub fn new(pool: Pool, prefix: &str) -> Self {
+        Self {
+            pool,
+            prefix: prefix.to_string(),
+            horizon: DEFAULT_HORIZON,
+            acquire: std::sync::Arc::new(Script::new(ACQUIRE)),
+            pause: std::sync::Arc::new(Script::new(PAUSE)),
+        }
+    }
+
+    /// `<prefix>:{<integration>}:gcra` — the hash tag keeps it on one Redis Cluster slot.
+    pub fn key(&self, integration: &str) -> String {
+        format!("{}:{{{}}}:gcra", self.prefix, integration)
+    }
+
+    /// `<prefix>:{<integration>}:pause` — set for the length of a Retry-After.
+    pub fn pause_key(&self, integration: &str) -> String {
+        format!("{}:{{{}}}:pause", self.prefix, integration)
+    }
+
+    /// One round trip: reserves a slot or says when to ask again.
+    pub async fn try_acquire(&self, key: &BudgetKey) -> Result<Grant, BudgetError> {
+        let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
+        let name = self.key(&key.integration);
+        let (wait, reserved, repaired): (i64, i64, i64) = self
+            .acquire
+            .key(&name)
+            .arg(key.interval().as_micros() as i64)
+            .arg(key.tolerance().saturating_sub(SAFETY_MARGIN).as_micros() as i64)
+            .arg(self.horizon.as_micros() as i64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| BudgetError(e.to_string()))?;
+        if repaired == 1 {
+            tracing::warn!(key = %name, "The rate budget key held an invalid value or type; it was reset.");
+        }
+        let wait = Duration::from_micros(wait.max(0) as u64);
+        Ok(if reserved == 1 { Grant::Reserved(wait) } else { Grant::RetryAfter(wait) })
+    }
+
+    /// Waits for this caller's turn: reserves a slot, sleeps until it, and checks that no
+    /// fleet-wide pause began meanwhile (then it waits the pause out and reserves again).
+    /// Two Redis round trips per request.
+    pub async fn acquire(&self, key: &BudgetKey) -> Result<(), BudgetError> {
+        loop {
+            match self.try_acquire(key).await? {
+                Grant::RetryAfter(wait) => {
+                    tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+                    continue;
+                }
+                Grant::Reserved(wait) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            let remaining = self.paused_for(key).await?;
+            if remaining.is_zero() {
+                return Ok(());
+            }
+            tokio::time::sleep(remaining).await;
+        }
+    }
+
+    /// How much of a fleet-wide pause is left.
+    pub async fn paused_for(&self, key: &BudgetKey) -> Result<Duration, BudgetError> {
+        let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(self.pause_key(&key.integration))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| BudgetError(e.to_string()))?;
+        Ok(Duration::from_millis(ttl.max(0) as u64))
+    }
+
+    /// Pauses the integration fleet-wide for `retry_after`.
+    pub async fn pause(&self, key: &BudgetKey, retry_after: Duration) -> Result<(), BudgetError> {
+        let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
+        let _: i64 = self
+            .pause
+            .key(self.key(&key.integration))
+            .key(self.pause_key(&key.integration))
+            .arg(retry_after.as_micros() as i64)
+            .arg(key.tolerance().saturating_sub(SAFETY_MARGIN).as_micros() as i64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| BudgetError(e.to_string()))?;
+        Ok(())
+    }
+}

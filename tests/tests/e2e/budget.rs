@@ -1,0 +1,101 @@
+//! The shared rate budget in Redis: several processes together stay within Notion's GCRA bound
+//! (measured at the simulator), and a 429 pauses every one of them for Retry-After.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use syncfleet_tests::harness::{TestEnv, binary};
+use syncfleet_tests::sim::SimConfig;
+
+const RATE: f64 = 3.0;
+const BURST: u32 = 3;
+
+fn hammer(env: &TestEnv, tasks: usize, secs: f64) -> tokio::process::Child {
+    tokio::process::Command::new(binary("syncfleet-bench").expect("built"))
+        .args(["hammer", "--sim", &env.sim_url(), "--prefix", &env.settings.redis.key_prefix])
+        .args(["--rate", &RATE.to_string(), "--burst", &BURST.to_string()])
+        .args(["--tasks", &tasks.to_string(), "--secs", &secs.to_string()])
+        .env("HAMMER_TOKEN", &env.token)
+        .env("SYNCFLEET_LOG_LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("hammer starts")
+}
+
+async fn finish(children: Vec<tokio::process::Child>) {
+    for child in children {
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("hammer ends")
+            .expect("hammer output");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Arrival times (ms, simulator clock) and statuses of `/v1/users` requests.
+async fn arrivals(env: &TestEnv) -> Vec<(f64, u16)> {
+    let log: Value = reqwest::get(format!("{}/_sim/requests", env.sim_url()))
+        .await
+        .expect("log")
+        .json()
+        .await
+        .expect("json");
+    log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["endpoint"] == "/v1/users")
+        .map(|e| (e["t_ms"].as_f64().unwrap_or_default(), e["status"].as_u64().unwrap_or_default() as u16))
+        .collect()
+}
+
+#[tokio::test]
+async fn three_processes_of_eight_tasks_stay_within_burst_plus_rate_times_t() {
+    let env = TestEnv::start(SimConfig { pages: 1, rate: RATE, burst: BURST, ..SimConfig::default() })
+        .await
+        .expect("env");
+    let secs = 10.0;
+    let children = (0..3).map(|_| hammer(&env, 8, secs)).collect();
+    finish(children).await;
+    let times: Vec<f64> = arrivals(&env).await.into_iter().map(|(t, _)| t).collect();
+    let stats = env.sim_stats().await.expect("stats");
+    assert_eq!(stats["rate_limited_total"], 0, "no 429s: {stats}");
+    // Every window [t_i, t_j], counted at the simulator, holds at most burst + t·rate requests
+    // (with 20 ms for loopback jitter between two arrivals).
+    for i in 0..times.len() {
+        for j in i..times.len() {
+            let t = (times[j] - times[i] + 20.0) / 1000.0;
+            let count = (j - i + 1) as f64;
+            assert!(count <= f64::from(BURST) + t * RATE, "{count} requests within {t:.3} s");
+        }
+    }
+    // …and the budget is used, not wasted: at least 90 % of what 10 s at 3/s allow.
+    assert!(times.len() as f64 >= 0.9 * secs * RATE, "only {} requests in {secs} s", times.len());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_429_pauses_every_process_for_retry_after() {
+    let env = TestEnv::start(SimConfig { pages: 1, rate: RATE, burst: BURST, ..SimConfig::default() })
+        .await
+        .expect("env");
+    let children: Vec<_> = (0..3).map(|_| hammer(&env, 4, 8.0)).collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.sim_admin("faults", serde_json::json!({"status": 429, "retry_after": 2, "count": 1}))
+        .await
+        .expect("fault");
+    finish(children).await;
+    let log = arrivals(&env).await;
+    let (t429, _) = *log.iter().find(|(_, s)| *s == 429).expect("the injected 429 was served");
+    let next = log.iter().map(|(t, _)| *t).filter(|t| *t > t429).fold(f64::INFINITY, f64::min);
+    assert!(
+        next >= t429 + 2000.0,
+        "a request arrived {:.0} ms after the 429 with Retry-After: 2",
+        next - t429
+    );
+    assert!(next < t429 + 2600.0, "the fleet resumed promptly ({:.0} ms)", next - t429);
+    env.cleanup().await;
+}
