@@ -156,11 +156,14 @@ pub struct WorkerSettings {
     pub id: Option<String>,
     /// How long in-flight jobs get to reach a checkpoint after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Lease of the per-database lock; renewed every third of it. A crashed worker's lock frees
+    /// itself after this long.
+    pub lease_secs: u64,
 }
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        Self { concurrency: 4, id: None, shutdown_grace_secs: 25 }
+        Self { concurrency: 4, id: None, shutdown_grace_secs: 25, lease_secs: 30 }
     }
 }
 
@@ -222,6 +225,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "worker.concurrency",
                 reason: "must be between 1 and 512".into(),
+            });
+        }
+        if self.worker.lease_secs < 3 {
+            return Err(ConfigError::Invalid {
+                key: "worker.lease_secs",
+                reason: "must be at least 3".into(),
             });
         }
         if self.sync.page_size == 0 || self.sync.page_size > 100 {

@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod db;
 pub mod hashing;
 pub mod job;
+pub mod lock;
 pub mod notion;
 pub mod redis_pool;
 pub mod secret;

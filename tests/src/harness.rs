@@ -49,12 +49,14 @@ impl TestEnv {
         settings.amqp.retry_tiers = vec![
             RetryTier { name: "1s".into(), delay_ms: 1000 },
             RetryTier { name: "2s".into(), delay_ms: 2000 },
+            RetryTier { name: "4s".into(), delay_ms: 4000 },
         ];
         settings.redis.key_prefix = name.clone();
         settings.notion.base_url = sim.base_url();
         settings.notion.timeout_secs = 10;
         settings.encryption_key = Some(TokenCipher::generate_key());
         settings.worker.shutdown_grace_secs = 15;
+        settings.worker.lease_secs = 3;
         syncfleet_shared::db::migrate(&settings.database).await.context("migrating the test database")?;
         let db = syncfleet_shared::db::connect(&settings.database).await?;
         Ok(Self { name, settings, db, sim, token, workers: Vec::new() })
@@ -87,6 +89,7 @@ impl TestEnv {
                 s.encryption_key.as_ref().map(|k| k.expose_secret().to_string()).unwrap_or_default(),
             ),
             ("SYNCFLEET_WORKER__SHUTDOWN_GRACE_SECS".into(), s.worker.shutdown_grace_secs.to_string()),
+            ("SYNCFLEET_WORKER__LEASE_SECS".into(), s.worker.lease_secs.to_string()),
         ]
     }
 
@@ -130,6 +133,29 @@ impl TestEnv {
             reason: Reason::Manual,
         };
         Ok(publisher.publish(&self.db, "urn:syncfleet:test", data).await?.id)
+    }
+
+    /// Publishes `n` jobs through one connection; returns their ids.
+    pub async fn enqueue_many(
+        &self,
+        integration: &str,
+        database_id: Uuid,
+        mode: SyncMode,
+        n: usize,
+    ) -> anyhow::Result<Vec<Uuid>> {
+        let publisher = syncfleet_producer::publish::JobPublisher::connect(&self.settings).await?;
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            let data = SyncDatabaseJob {
+                integration: integration.into(),
+                database_id,
+                mode,
+                priority: Priority::Normal,
+                reason: Reason::Manual,
+            };
+            ids.push(publisher.publish(&self.db, "urn:syncfleet:test", data).await?.id);
+        }
+        Ok(ids)
     }
 
     /// Starts a `syncfleet-worker` process with this test's settings; output goes to a log file.

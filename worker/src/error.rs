@@ -31,6 +31,14 @@ pub enum JobFailure {
     /// The worker is shutting down; progress up to the last batch is committed.
     #[error("interrupted by shutdown")]
     Interrupted,
+    /// The database lock's lease was lost (taken over, or not renewable).
+    #[error("the database lock's lease was lost")]
+    LeaseLost,
+    /// A write carried a fence older than the database's: another worker holds the lock now.
+    #[error("write rejected: fence {0} is stale")]
+    FenceRejected(i64),
+    #[error(transparent)]
+    Lock(#[from] syncfleet_shared::lock::LockError),
 }
 
 impl JobFailure {
@@ -41,6 +49,8 @@ impl JobFailure {
             JobFailure::Db(_) => FailureClass::Transient,
             JobFailure::Config(_) => FailureClass::Permanent,
             JobFailure::Interrupted => FailureClass::Transient,
+            JobFailure::LeaseLost | JobFailure::FenceRejected(_) => FailureClass::Permanent,
+            JobFailure::Lock(_) => FailureClass::Transient,
         }
     }
 
@@ -51,6 +61,9 @@ impl JobFailure {
             JobFailure::Db(_) => "database",
             JobFailure::Config(_) => "configuration",
             JobFailure::Interrupted => "interrupted",
+            JobFailure::LeaseLost => "lease_lost",
+            JobFailure::FenceRejected(_) => "fence_rejected",
+            JobFailure::Lock(_) => "lock_unavailable",
         }
     }
 }

@@ -3,9 +3,13 @@
 
 use lapin::BasicProperties;
 use sea_orm::EntityTrait;
+use std::time::Duration;
+
 use syncfleet_shared::db::entities::{integration, notion_database, sync_run::status};
+use syncfleet_shared::db::fence;
 use syncfleet_shared::db::runs::{self, StartOutcome};
-use syncfleet_shared::job::{ATTEMPT_HEADER, JobEnvelope};
+use syncfleet_shared::job::{ATTEMPT_HEADER, JobEnvelope, Reason, SyncDatabaseJob, SyncMode};
+use syncfleet_shared::lock;
 use syncfleet_shared::notion::{FailureClass, NotionSession};
 use syncfleet_shared::{amqp, budget::BudgetKey};
 use tokio_util::sync::CancellationToken;
@@ -73,6 +77,81 @@ async fn run_job(
             reason: format!("database {} belongs to integration {}", database.id, database.integration),
         };
     }
+    // One running sync per database.
+    let lease = Duration::from_secs(ctx.settings.worker.lease_secs);
+    let guard = match lock::try_acquire(&ctx.redis, &ctx.settings.redis.key_prefix, &database.id, lease).await
+    {
+        Ok(Some(guard)) => guard,
+        Ok(None) => return database_busy(ctx, job, attempt).await,
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Lock(e)).await,
+    };
+    let disposition = run_locked(ctx, job, attempt, database, shutdown, &guard).await;
+    guard.release().await;
+    disposition
+}
+
+/// The lock is held. A fresh job asks the holder for one more pass and is recorded as skipped;
+/// a job that was already running (its worker died holding the lock) waits for the lease instead.
+async fn database_busy(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32) -> Disposition {
+    match runs::current_status(&ctx.db, job.id).await {
+        Ok(Some(state)) if state == status::RUNNING || state == status::RETRYING => {
+            tracing::info!(
+                "The database is locked by an earlier attempt of this job; retrying after the lease."
+            );
+            let error = JobFailure::Lock(lock::LockError("held by an earlier attempt".into()));
+            return transient(ctx, job, attempt, &error).await;
+        }
+        Ok(_) => {}
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await,
+    }
+    if let Err(e) = request_rerun(ctx, job.data.database_id).await {
+        return transient(ctx, job, attempt, &JobFailure::Lock(e)).await;
+    }
+    if let Err(e) = runs::mark_skipped(&ctx.db, job, attempt).await {
+        return transient(ctx, job, attempt, &JobFailure::Db(e)).await;
+    }
+    tracing::info!("Another sync of this database is running; it will make one more incremental pass.");
+    Disposition::Ack
+}
+
+async fn request_rerun(ctx: &WorkerContext, database: uuid::Uuid) -> Result<(), lock::LockError> {
+    let mut conn = ctx.redis.get().await.map_err(|e| lock::LockError(e.to_string()))?;
+    let key = lock::rerun_key(&ctx.settings.redis.key_prefix, &database);
+    redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .arg("PX")
+        .arg(24 * 3600 * 1000)
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| lock::LockError(e.to_string()))
+}
+
+/// Takes (and clears) a pending rerun request.
+async fn take_rerun(ctx: &WorkerContext, database: uuid::Uuid) -> Result<bool, lock::LockError> {
+    let mut conn = ctx.redis.get().await.map_err(|e| lock::LockError(e.to_string()))?;
+    let key = lock::rerun_key(&ctx.settings.redis.key_prefix, &database);
+    let value: Option<String> = redis::cmd("GETDEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| lock::LockError(e.to_string()))?;
+    Ok(value.is_some())
+}
+
+/// Runs the job while holding the database's lock, then the coalesced rerun pass if requested.
+async fn run_locked(
+    ctx: &WorkerContext,
+    job: &JobEnvelope,
+    attempt: u32,
+    database: notion_database::Model,
+    shutdown: CancellationToken,
+    guard: &lock::LeaseGuard,
+) -> Disposition {
+    let fence = match fence::next(&ctx.db, database.id).await {
+        Ok(f) => f,
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await,
+    };
     let checkpoint = match runs::start_attempt(&ctx.db, job, attempt, &ctx.worker_id).await {
         Ok(StartOutcome::Started { checkpoint }) => checkpoint,
         Ok(StartOutcome::AlreadyFinal(state)) => {
@@ -84,10 +163,29 @@ async fn run_job(
     if checkpoint.is_some() {
         tracing::info!("Resuming from the run's checkpoint.");
     }
-    let session = match open_session(ctx, &database).await {
-        Ok(s) => s,
-        Err(e) => return fail(ctx, job, attempt, e).await,
-    };
+    let database_id = database.id;
+    if let Err(e) = sync_once(ctx, job, database, checkpoint, fence, &shutdown, guard).await {
+        return fail(ctx, job, attempt, e).await;
+    }
+    // Jobs that arrived while this one ran were coalesced into one more incremental pass.
+    match take_rerun(ctx, database_id).await {
+        Ok(true) if !shutdown.is_cancelled() => rerun(ctx, job, database_id, fence, &shutdown, guard).await,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "Could not check for a requested rerun."),
+    }
+    Disposition::Ack
+}
+
+async fn sync_once(
+    ctx: &WorkerContext,
+    job: &JobEnvelope,
+    database: notion_database::Model,
+    checkpoint: Option<runs::Checkpoint>,
+    fence: i64,
+    shutdown: &CancellationToken,
+    guard: &lock::LeaseGuard,
+) -> Result<(), JobFailure> {
+    let session = open_session(ctx, &database).await?;
     let run = SyncRun {
         db: ctx.db.clone(),
         session,
@@ -97,27 +195,52 @@ async fn run_job(
         checkpoint,
         page_size: ctx.settings.sync.page_size,
         overlap: ctx.settings.sync.overlap(),
-        fence: 0,
-        shutdown,
+        fence,
+        shutdown: shutdown.clone(),
+        lease_lost: guard.lost(),
     };
     let started = std::time::Instant::now();
-    match run.run().await {
-        Ok(summary) => {
-            tracing::info!(
-                pages = summary.seen,
-                created = summary.created,
-                updated = summary.updated,
-                unchanged = summary.unchanged,
-                deleted = summary.deleted,
-                invalid = summary.invalid,
-                requests = summary.requests,
-                rate_limited = summary.rate_limited,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "Sync finished."
-            );
-            Disposition::Ack
-        }
-        Err(e) => fail(ctx, job, attempt, e).await,
+    let summary = run.run().await?;
+    tracing::info!(
+        pages = summary.seen,
+        created = summary.created,
+        updated = summary.updated,
+        unchanged = summary.unchanged,
+        deleted = summary.deleted,
+        invalid = summary.invalid,
+        requests = summary.requests,
+        rate_limited = summary.rate_limited,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Sync finished."
+    );
+    Ok(())
+}
+
+/// The coalesced pass: an incremental run of its own (its own `sync_runs` row, reason `rerun`).
+async fn rerun(
+    ctx: &WorkerContext,
+    job: &JobEnvelope,
+    database_id: uuid::Uuid,
+    fence: i64,
+    shutdown: &CancellationToken,
+    guard: &lock::LeaseGuard,
+) {
+    let data = SyncDatabaseJob { mode: SyncMode::Incremental, reason: Reason::Rerun, ..job.data.clone() };
+    let pass = JobEnvelope::new("urn:syncfleet:worker", data);
+    tracing::info!(rerun.id = %pass.id, "Running the requested incremental pass.");
+    let outcome = async {
+        let database = notion_database::Entity::find_by_id(database_id)
+            .one(&ctx.db)
+            .await?
+            .ok_or_else(|| JobFailure::Config("the database was removed".into()))?;
+        runs::start_attempt(&ctx.db, &pass, 1, &ctx.worker_id).await?;
+        sync_once(ctx, &pass, database, None, fence, shutdown, guard).await
+    }
+    .await;
+    if let Err(e) = outcome {
+        tracing::warn!(error = %e, "The requested incremental pass failed.");
+        let message = e.to_string();
+        let _ = runs::set_status(&ctx.db, pass.id, status::FAILED, Some((e.kind(), &message))).await;
     }
 }
 
@@ -150,6 +273,14 @@ async fn fail(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32, error: JobFa
         tracing::info!("Shutting down mid-job; progress is committed and the job goes back to the queue.");
         let _ = runs::set_status(&ctx.db, job.id, status::QUEUED, None).await;
         return Disposition::Requeue;
+    }
+    if matches!(error, JobFailure::LeaseLost | JobFailure::FenceRejected(_)) {
+        // Another worker owns the database now; make sure it runs one more pass, and stand down.
+        let message = error.to_string();
+        let _ = request_rerun(ctx, job.data.database_id).await;
+        let _ = runs::set_status(&ctx.db, job.id, status::FAILED, Some((error.kind(), &message))).await;
+        tracing::warn!(kind = error.kind(), "Stood down: another worker holds this database's lock.");
+        return Disposition::Ack;
     }
     match error.class() {
         FailureClass::Permanent => {

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use std::collections::{HashSet, VecDeque};
 use syncfleet_shared::db::entities::{notion_database, sync_run::status};
+use syncfleet_shared::db::fence;
 use syncfleet_shared::db::pages::{self, PageRow};
 use syncfleet_shared::db::runs::{self, Checkpoint, RunDelta};
 use syncfleet_shared::job::SyncMode;
@@ -48,6 +49,8 @@ pub struct SyncRun {
     pub overlap: Duration,
     pub fence: i64,
     pub shutdown: CancellationToken,
+    /// Cancelled when the database lock's lease is lost.
+    pub lease_lost: CancellationToken,
 }
 
 /// Totals of a finished run.
@@ -140,6 +143,9 @@ impl SyncRun {
         let mut cursor: Option<String> = None;
         let mut restarts = 0u32;
         loop {
+            if self.lease_lost.is_cancelled() {
+                return Err(JobFailure::LeaseLost);
+            }
             if self.shutdown.is_cancelled() {
                 return Err(JobFailure::Interrupted);
             }
@@ -236,6 +242,15 @@ impl SyncRun {
         Ok(summary)
     }
 
+    /// Rejects the transaction when another worker has taken the database's lock since.
+    async fn check_fence<C: ConnectionTrait>(&self, txn: &C) -> Result<(), JobFailure> {
+        if fence::is_current(txn, self.database.id, self.fence).await? {
+            return Ok(());
+        }
+        tracing::warn!(fence = self.fence, "Write rejected: a newer lock holder owns this database.");
+        Err(JobFailure::FenceRejected(self.fence))
+    }
+
     /// Writes one batch; commits only after batch `seq - 1` has committed.
     async fn write_one(
         &self,
@@ -254,6 +269,7 @@ impl SyncRun {
         // commit together, so a server crash only rewinds the checkpoint. The final
         // transaction commits synchronously (flushing all of these) before the job is acked.
         txn.execute_unprepared("SET LOCAL synchronous_commit = off").await?;
+        self.check_fence(&txn).await?;
         let rows = batch.rows.len();
         let counts =
             pages::upsert_batch(&txn, self.database.id, self.run_id, self.fence, stamp_seen, batch.rows)
@@ -282,6 +298,7 @@ impl SyncRun {
     /// Marks deletions (full runs), moves the watermark and records success, in one transaction.
     async fn finish(&self, run_started: DateTime<Utc>, summary: &mut SyncSummary) -> Result<(), JobFailure> {
         let txn = self.db.begin().await?;
+        self.check_fence(&txn).await?;
         let deleted = match self.mode {
             SyncMode::Full => pages::mark_unseen_deleted(&txn, self.database.id, self.run_id).await? as i64,
             SyncMode::Incremental => 0,

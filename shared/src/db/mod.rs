@@ -1,6 +1,7 @@
 //! PostgreSQL: the durable truth. Connection, migrations, entities and the write paths.
 
 pub mod entities;
+pub mod fence;
 pub mod migration;
 pub mod pages;
 pub mod runs;

@@ -173,3 +173,32 @@ pub async fn set_status<C: ConnectionTrait>(
     .await
     .map(|_| ())
 }
+
+/// Records a job that found its database busy as `skipped` (a rerun was requested instead).
+pub async fn mark_skipped<C: ConnectionTrait>(
+    conn: &C,
+    job: &JobEnvelope,
+    attempt: u32,
+) -> Result<(), DbErr> {
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO sync_runs (id, database_id, integration, mode, reason, status, attempt, enqueued_at, finished_at, \
+             error_kind, error_message) \
+         VALUES ($1, $2, $3, $4, $5, 'skipped', $6, COALESCE($7, now()), now(), 'database_busy', \
+             'another sync of this database was running; it will run one more incremental pass') \
+         ON CONFLICT (id) DO UPDATE SET status = 'skipped', attempt = EXCLUDED.attempt, finished_at = now(), \
+             error_kind = EXCLUDED.error_kind, error_message = EXCLUDED.error_message \
+         WHERE sync_runs.status NOT IN ('succeeded', 'partial', 'failed', 'skipped')",
+        [
+            job.id.into(),
+            job.data.database_id.into(),
+            job.data.integration.clone().into(),
+            job.data.mode.as_str().into(),
+            job.data.reason.as_str().into(),
+            (attempt as i32).into(),
+            job.time.into(),
+        ],
+    ))
+    .await
+    .map(|_| ())
+}

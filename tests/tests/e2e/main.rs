@@ -4,6 +4,7 @@
 mod budget;
 mod failures;
 mod full_sync;
+mod locks;
 mod poison;
 mod publish;
 mod shutdown;

@@ -1,0 +1,138 @@
+//! One running sync per database: a lease in Redis (`SET NX PX` with a random token, renewed every
+//! third of the lease, released by compare-and-delete).
+//!
+//! A Redis lock alone cannot stop a paused process from writing after its lease expired, so
+//! every acquisition also takes a new fence from PostgreSQL (`db::fence`), and every write checks
+//! it. The lease only keeps two holders from *starting*; the fence keeps a stale one from *writing*.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::Pool;
+use redis::Script;
+use tokio_util::sync::CancellationToken;
+
+// KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms. 1 if still ours and extended.
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+// KEYS[1] lock; ARGV[1] token. 1 if it was ours and is gone.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the database lock in Redis is unavailable: {0}")]
+pub struct LockError(pub String);
+
+/// `<prefix>:lock:{<database>}`.
+pub fn lock_key(prefix: &str, database: &uuid::Uuid) -> String {
+    format!("{prefix}:lock:{{{database}}}")
+}
+
+/// `<prefix>:rerun:{<database>}`: set by jobs that found the lock held.
+pub fn rerun_key(prefix: &str, database: &uuid::Uuid) -> String {
+    format!("{prefix}:rerun:{{{database}}}")
+}
+
+/// A held lease. Dropping it stops renewal (the lease then expires); call [`release`](Self::release).
+pub struct LeaseGuard {
+    pool: Pool,
+    key: String,
+    token: String,
+    lost: CancellationToken,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseGuard {
+    /// Cancelled when the lease is lost (taken over, or not renewable for a whole lease).
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Stops renewing and deletes the lock if it is still ours.
+    pub async fn release(self) {
+        self.renewer.abort();
+        if let Ok(mut conn) = self.pool.get().await {
+            let released: Result<i64, _> =
+                Script::new(RELEASE).key(&self.key).arg(&self.token).invoke_async(&mut conn).await;
+            if let Err(e) = released {
+                tracing::warn!(error = %e, "Could not release the database lock; it will expire.");
+            }
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+/// Takes the lock for `database` if it is free.
+pub async fn try_acquire(
+    pool: &Pool,
+    prefix: &str,
+    database: &uuid::Uuid,
+    lease: Duration,
+) -> Result<Option<LeaseGuard>, LockError> {
+    let key = lock_key(prefix, database);
+    let token = uuid::Uuid::new_v4().to_string();
+    let mut conn = pool.get().await.map_err(|e| LockError(e.to_string()))?;
+    let set: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(lease.as_millis() as u64)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| LockError(e.to_string()))?;
+    if set.is_none() {
+        return Ok(None);
+    }
+    let lost = CancellationToken::new();
+    let renewer = tokio::spawn(renew(pool.clone(), key.clone(), token.clone(), lease, lost.clone()));
+    Ok(Some(LeaseGuard { pool: pool.clone(), key, token, lost, renewer }))
+}
+
+/// Renews every third of the lease; declares the lease lost when it is no longer ours, or when
+/// no renewal succeeded for a whole lease (Redis unreachable: someone else may hold it by now).
+async fn renew(pool: Pool, key: String, token: String, lease: Duration, lost: CancellationToken) {
+    let script = Arc::new(Script::new(RENEW));
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let outcome = match pool.get().await {
+            Ok(mut conn) => script
+                .key(&key)
+                .arg(&token)
+                .arg(lease.as_millis() as u64)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(1) => last_ok = Instant::now(),
+            Ok(_) => {
+                tracing::warn!(key = %key, "The database lock was taken over; stopping the job.");
+                lost.cancel();
+                return;
+            }
+            Err(e) if last_ok.elapsed() >= lease => {
+                tracing::warn!(key = %key, error = %e, "Could not renew the database lock for a whole lease; stopping the job.");
+                lost.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(key = %key, error = %e, "Renewing the database lock failed; retrying."),
+        }
+    }
+}

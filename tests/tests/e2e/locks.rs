@@ -1,0 +1,81 @@
+//! One running sync per database: a burst of jobs coalesces into at most two runs, and a worker
+//! paused past its lease cannot overwrite the new holder's data (its writes are fenced off).
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use syncfleet_shared::job::SyncMode;
+use syncfleet_tests::harness::TestEnv;
+use syncfleet_tests::sim::SimConfig;
+
+use crate::{LONG, SHORT};
+
+async fn count(env: &TestEnv, sql: &str) -> i64 {
+    let row = env
+        .db
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .expect("query")
+        .expect("row");
+    row.try_get("", "n").expect("n")
+}
+
+#[tokio::test]
+async fn fifty_jobs_for_one_database_give_at_most_two_runs() {
+    let sim = SimConfig { pages: 1000, rate: 3.0, burst: 3, latency_ms: 100, ..SimConfig::default() };
+    let mut env = TestEnv::start(sim).await.expect("env");
+    let db = env.register("acme", 3.0, 3, 0).await.expect("register");
+    env.spawn_worker(4).expect("worker 1");
+    env.spawn_worker(4).expect("worker 2");
+    let jobs = env.enqueue_many("acme", db, SyncMode::Full, 50).await.expect("enqueue");
+    for id in &jobs {
+        env.wait_run(*id, LONG).await.expect("every job ends");
+    }
+    // The coalesced pass runs after the first job; wait for it to finish too.
+    let deadline = std::time::Instant::now() + SHORT;
+    while count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status IN ('running', 'queued')").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "runs did not settle");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ran =
+        count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status IN ('succeeded', 'partial')").await;
+    let skipped = count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status = 'skipped'").await;
+    assert!((1..=2).contains(&ran), "{ran} runs for 50 jobs (skipped {skipped})");
+    assert!(skipped >= 48, "{skipped} skipped");
+    assert!(env.verify(db).await.expect("verify").is_exact());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_paused_past_its_lease_cannot_overwrite_the_new_holder() {
+    let sim = SimConfig { pages: 3000, rate: 10.0, burst: 2, latency_ms: 100, ..SimConfig::default() };
+    let mut env = TestEnv::start(sim).await.expect("env");
+    let db = env.register("acme", 10.0, 2, 0).await.expect("register");
+    let first = env.spawn_worker(1).expect("worker A");
+    let stale = env.enqueue("acme", db, SyncMode::Full).await.expect("enqueue");
+    env.wait_run_until(stale, SHORT, |r| r.pages_seen >= 500).await.expect("A makes progress");
+    env.signal_worker(first, Signal::SIGSTOP).expect("SIGSTOP");
+    // Past A's 3 s lease another worker takes the database.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    env.spawn_worker(1).expect("worker B");
+    let fresh = env.enqueue("acme", db, SyncMode::Incremental).await.expect("enqueue");
+    let started =
+        env.wait_run_until(fresh, SHORT, |r| r.status == "running" || r.status == "succeeded").await;
+    started.expect("B takes the lock");
+    env.signal_worker(first, Signal::SIGCONT).expect("SIGCONT");
+    let b = env.wait_run(fresh, LONG).await.expect("B finishes");
+    assert_eq!(b.status, "succeeded", "{b:?}");
+    let a = env.wait_run(stale, LONG).await.expect("A stands down");
+    assert_eq!(a.status, "failed", "{a:?}");
+    assert!(matches!(a.error_kind.as_deref(), Some("fence_rejected" | "lease_lost")), "{a:?}");
+    // Let any coalesced pass settle, then PostgreSQL must equal Notion.
+    let deadline = std::time::Instant::now() + LONG;
+    while count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status IN ('running', 'queued')").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "runs did not settle");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = env.verify(db).await.expect("verify");
+    assert!(report.is_exact(), "{report:?}");
+    env.cleanup().await;
+}
