@@ -124,15 +124,8 @@ impl TestEnv {
         database_id: Uuid,
         mode: SyncMode,
     ) -> anyhow::Result<Uuid> {
-        let publisher = syncfleet_producer::publish::JobPublisher::connect(&self.settings).await?;
-        let data = SyncDatabaseJob {
-            integration: integration.into(),
-            database_id,
-            mode,
-            priority: Priority::Normal,
-            reason: Reason::Manual,
-        };
-        Ok(publisher.publish(&self.db, "urn:syncfleet:test", data).await?.id)
+        let ids = self.enqueue_many(integration, database_id, mode, 1).await?;
+        ids.into_iter().next().ok_or_else(|| anyhow!("nothing was published"))
     }
 
     /// Publishes `n` jobs through one connection; returns their ids.

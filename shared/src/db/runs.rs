@@ -42,20 +42,26 @@ pub enum StartOutcome {
     Started { checkpoint: Option<Checkpoint> },
 }
 
+/// The job's identifying columns ($1..$5: id, database, integration, mode, reason), then `more`.
+fn job_values<const N: usize>(job: &JobEnvelope, more: [sea_orm::Value; N]) -> Vec<sea_orm::Value> {
+    let mut values = vec![
+        job.id.into(),
+        job.data.database_id.into(),
+        job.data.integration.clone().into(),
+        job.data.mode.as_str().into(),
+        job.data.reason.as_str().into(),
+    ];
+    values.extend(more);
+    values
+}
+
 /// Inserts a `queued` row for a job about to be published (no-op if it exists).
 pub async fn insert_queued<C: ConnectionTrait>(conn: &C, job: &JobEnvelope) -> Result<(), DbErr> {
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "INSERT INTO sync_runs (id, database_id, integration, mode, reason, status, enqueued_at) \
          VALUES ($1, $2, $3, $4, $5, 'queued', COALESCE($6, now())) ON CONFLICT (id) DO NOTHING",
-        [
-            job.id.into(),
-            job.data.database_id.into(),
-            job.data.integration.clone().into(),
-            job.data.mode.as_str().into(),
-            job.data.reason.as_str().into(),
-            job.time.into(),
-        ],
+        job_values(job, [job.time.into()]),
     ))
     .await
     .map(|_| ())
@@ -79,16 +85,7 @@ pub async fn start_attempt<C: ConnectionTrait>(
                  finished_at = NULL, error_kind = NULL, error_message = NULL \
              WHERE sync_runs.status NOT IN ('succeeded', 'partial', 'failed', 'skipped') \
              RETURNING checkpoint",
-            [
-                job.id.into(),
-                job.data.database_id.into(),
-                job.data.integration.clone().into(),
-                job.data.mode.as_str().into(),
-                job.data.reason.as_str().into(),
-                (attempt as i32).into(),
-                worker.into(),
-                job.time.into(),
-            ],
+            job_values(job, [(attempt as i32).into(), worker.into(), job.time.into()]),
         ))
         .await?;
     match row {
@@ -189,15 +186,7 @@ pub async fn mark_skipped<C: ConnectionTrait>(
          ON CONFLICT (id) DO UPDATE SET status = 'skipped', attempt = EXCLUDED.attempt, finished_at = now(), \
              error_kind = EXCLUDED.error_kind, error_message = EXCLUDED.error_message \
          WHERE sync_runs.status NOT IN ('succeeded', 'partial', 'failed', 'skipped')",
-        [
-            job.id.into(),
-            job.data.database_id.into(),
-            job.data.integration.clone().into(),
-            job.data.mode.as_str().into(),
-            job.data.reason.as_str().into(),
-            (attempt as i32).into(),
-            job.time.into(),
-        ],
+        job_values(job, [(attempt as i32).into(), job.time.into()]),
     ))
     .await
     .map(|_| ())

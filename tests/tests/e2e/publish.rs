@@ -71,5 +71,23 @@ async fn enqueue_wait_shows_the_outcome_and_exits_non_zero_when_the_run_fails() 
     assert!(stderr.contains("run failed: notion_forbidden"), "{stderr}");
     let key = env.settings.encryption_key.as_ref().expect("key").expose_secret().to_string();
     assert!(!stderr.contains(&key) && !String::from_utf8_lossy(&failed.stdout).contains(&key));
+
+    // `status --json` reports the database, its live pages and the latest (failed) run.
+    let status = tokio::process::Command::new(binary("syncfleet-producer").expect("built"))
+        .args(["status", "--json"])
+        .envs(env.env_vars())
+        .output()
+        .await
+        .expect("status runs");
+    assert!(status.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(report[0]["id"], db.to_string());
+    assert_eq!(report[0]["pages"], 120);
+    assert_eq!(report[0]["last_run"]["status"], "failed");
+    assert_eq!(report[0]["last_run"]["mode"], "incremental");
+
+    // Migrating an up-to-date database changes nothing.
+    let pending = syncfleet_shared::db::migrate(&env.settings.database).await.expect("migrate again");
+    assert!(pending.is_empty(), "{pending:?}");
     env.cleanup().await;
 }
