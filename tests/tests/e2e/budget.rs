@@ -99,3 +99,57 @@ async fn a_429_pauses_every_process_for_retry_after() {
     assert!(next < t429 + 2600.0, "the fleet resumed promptly ({:.0} ms)", next - t429);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_corrupted_budget_key_is_reset_instead_of_failing_every_request() {
+    use syncfleet_shared::budget::BudgetKey;
+    use syncfleet_shared::budget_redis::RedisBudget;
+    let env = TestEnv::start(SimConfig { pages: 1, ..SimConfig::default() }).await.expect("env");
+    let pool = syncfleet_shared::redis_pool::connect(&env.settings.redis).await.expect("redis");
+    let budget = RedisBudget::new(pool.clone(), &env.settings.redis.key_prefix);
+    let key = BudgetKey { integration: "acme".into(), rate: RATE, burst: BURST };
+    let mut conn = pool.get().await.expect("conn");
+    // A hash where a number belongs (wrong type), then a garbage string: both are repaired.
+    let _: () = redis::cmd("HSET")
+        .arg(budget.key("acme"))
+        .arg("f")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    tokio::time::timeout(SHORT_WAIT, budget.acquire(&key))
+        .await
+        .expect("in time")
+        .expect("wrong type is repaired");
+    let _: () = redis::cmd("SET")
+        .arg(budget.key("acme"))
+        .arg("not a number")
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    tokio::time::timeout(SHORT_WAIT, budget.acquire(&key))
+        .await
+        .expect("in time")
+        .expect("garbage is repaired");
+    let stored: String = redis::cmd("GET").arg(budget.key("acme")).query_async(&mut conn).await.expect("get");
+    assert!(stored.parse::<i64>().is_ok(), "{stored}");
+    let _: () = redis::cmd("DEL").arg(budget.key("acme")).query_async(&mut conn).await.expect("del");
+    let _: () = redis::cmd("HSET")
+        .arg(budget.key("acme"))
+        .arg("f")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    budget.pause(&key, Duration::from_millis(300)).await.expect("a pause over a corrupted key works too");
+    assert!(budget.paused_for(&key).await.expect("pttl") > Duration::ZERO);
+    let _: () = redis::cmd("DEL")
+        .arg(budget.key("acme"))
+        .arg(budget.pause_key("acme"))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    env.cleanup().await;
+}
+
+const SHORT_WAIT: Duration = Duration::from_secs(5);
