@@ -79,3 +79,22 @@ async fn a_worker_paused_past_its_lease_cannot_overwrite_the_new_holder() {
     assert!(report.is_exact(), "{report:?}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn after_kill_9_of_the_holder_another_worker_takes_over_after_the_lease_and_finishes() {
+    let sim = SimConfig { pages: 3000, rate: 10.0, burst: 2, latency_ms: 50, ..SimConfig::default() };
+    let mut env = TestEnv::start(sim).await.expect("env");
+    let db = env.register("acme", 10.0, 2, 0).await.expect("register");
+    let holder = env.spawn_worker(1).expect("worker A");
+    let run = env.enqueue("acme", db, SyncMode::Full).await.expect("enqueue");
+    env.wait_run_until(run, SHORT, |r| r.pages_seen >= 800).await.expect("A makes progress");
+    env.signal_worker(holder, Signal::SIGKILL).expect("kill -9");
+    env.spawn_worker(1).expect("worker B");
+    let done = env.wait_run(run, LONG).await.expect("B finishes the job");
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert!(done.attempt >= 2, "B retried until A's lease expired: {done:?}");
+    let report = env.verify(db).await.expect("verify");
+    assert!(report.is_exact(), "{report:?}");
+    assert!(env.log().contains("Resuming from the run's checkpoint"));
+    env.cleanup().await;
+}
