@@ -53,31 +53,8 @@ pub struct SyncRun {
     pub lease_lost: CancellationToken,
 }
 
-/// Totals of a finished run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SyncSummary {
-    pub seen: i64,
-    pub created: i64,
-    pub updated: i64,
-    pub unchanged: i64,
-    pub deleted: i64,
-    pub invalid: i64,
-    pub requests: i64,
-    pub rate_limited: i64,
-}
-
-impl SyncSummary {
-    fn add(&mut self, d: &RunDelta) {
-        self.seen += d.seen;
-        self.created += d.created;
-        self.updated += d.updated;
-        self.unchanged += d.unchanged;
-        self.deleted += d.deleted;
-        self.invalid += d.invalid;
-        self.requests += d.requests;
-        self.rate_limited += d.rate_limited;
-    }
-}
+/// Totals of a finished run: the sum of its batches' counter increments.
+pub type SyncSummary = RunDelta;
 
 /// One response, parsed, on its way to the writer.
 struct Batch {
@@ -223,7 +200,7 @@ impl SyncRun {
                         // Drain until the overlapping batch has committed.
                         while let Some(result) = in_flight.next().await {
                             let delta: RunDelta = result?;
-                            summary.add(&delta);
+                            summary += delta;
                             in_flight_pages.pop_front();
                         }
                     }
@@ -233,7 +210,7 @@ impl SyncRun {
                 }
                 Some(result) = in_flight.next(), if !in_flight.is_empty() => {
                     let delta: RunDelta = result?;
-                    summary.add(&delta);
+                    summary += delta;
                     in_flight_pages.pop_front();
                 }
                 else => break,
@@ -325,7 +302,7 @@ impl SyncRun {
         let final_status = if summary.invalid > 0 { status::PARTIAL } else { status::SUCCEEDED };
         runs::set_status(&txn, self.run_id, final_status, None).await?;
         txn.commit().await?;
-        summary.add(&delta);
+        *summary += delta;
         Ok(())
     }
 }

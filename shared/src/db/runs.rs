@@ -33,6 +33,19 @@ pub struct RunDelta {
     pub invalid: i64,
 }
 
+impl std::ops::AddAssign for RunDelta {
+    fn add_assign(&mut self, d: RunDelta) {
+        self.requests += d.requests;
+        self.rate_limited += d.rate_limited;
+        self.seen += d.seen;
+        self.created += d.created;
+        self.updated += d.updated;
+        self.unchanged += d.unchanged;
+        self.deleted += d.deleted;
+        self.invalid += d.invalid;
+    }
+}
+
 /// What a worker finds when it starts a job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StartOutcome {

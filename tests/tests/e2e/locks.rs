@@ -21,6 +21,15 @@ async fn count(env: &TestEnv, sql: &str) -> i64 {
     row.try_get("", "n").expect("n")
 }
 
+/// Waits until no run is queued or running.
+async fn settle(env: &TestEnv, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while count(env, "SELECT count(*) AS n FROM sync_runs WHERE status IN ('running', 'queued')").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "runs did not settle");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn fifty_jobs_for_one_database_give_at_most_two_runs() {
     let sim = SimConfig { pages: 1000, rate: 3.0, burst: 3, latency_ms: 100, ..SimConfig::default() };
@@ -33,11 +42,7 @@ async fn fifty_jobs_for_one_database_give_at_most_two_runs() {
         env.wait_run(*id, LONG).await.expect("every job ends");
     }
     // The coalesced pass runs after the first job; wait for it to finish too.
-    let deadline = std::time::Instant::now() + SHORT;
-    while count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status IN ('running', 'queued')").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "runs did not settle");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    settle(&env, SHORT).await;
     let ran =
         count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status IN ('succeeded', 'partial')").await;
     let skipped = count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status = 'skipped'").await;
@@ -70,11 +75,7 @@ async fn a_worker_paused_past_its_lease_cannot_overwrite_the_new_holder() {
     assert_eq!(a.status, "failed", "{a:?}");
     assert!(matches!(a.error_kind.as_deref(), Some("fence_rejected" | "lease_lost")), "{a:?}");
     // Let any coalesced pass settle, then PostgreSQL must equal Notion.
-    let deadline = std::time::Instant::now() + LONG;
-    while count(&env, "SELECT count(*) AS n FROM sync_runs WHERE status IN ('running', 'queued')").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "runs did not settle");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    settle(&env, LONG).await;
     let report = env.verify(db).await.expect("verify");
     assert!(report.is_exact(), "{report:?}");
     env.cleanup().await;
