@@ -23,12 +23,26 @@ pub const DEFAULT_HORIZON: Duration = Duration::from_secs(10);
 /// steady rate (only the very first burst is 50 ms slower).
 pub const SAFETY_MARGIN: Duration = Duration::from_millis(50);
 
-// KEYS[1] gcra key; ARGV[1] interval µs, ARGV[2] tolerance µs, ARGV[3] horizon µs.
-// Returns {wait_us, reserved (1/0), repaired (1/0)}.
+// The effective-rate factor after unexplained 429s (slow start): stored as "factor:since_us" in
+// KEYS[2]; it recovers additively with time, `RECOVERY` of the configured rate per second.
+const FACTOR: &str = r#"
+local function factor(key, now)
+  local ok, raw = pcall(redis.call, 'GET', key)
+  if not ok or not raw then return 1.0 end
+  local f, since = string.match(raw, '^([%d%.]+):(%d+)$')
+  f = tonumber(f)
+  since = tonumber(since)
+  if not f or not since then return 1.0 end
+  return math.min(1.0, f + (now - since) / 1000000 * tonumber(ARGV[#ARGV]))
+end
+"#;
+
+// KEYS[1] gcra key, KEYS[2] factor key; ARGV[1] interval µs, ARGV[2] tolerance µs,
+// ARGV[3] horizon µs, ARGV[4] recovery per second. Returns {wait_us, reserved, repaired}.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
+local interval = math.floor(tonumber(ARGV[1]) / factor(KEYS[2], now))
 local tolerance = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
 local repaired = 0
@@ -51,12 +65,15 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_t
 return {wait, 1, repaired}
 "#;
 
-// KEYS[1] gcra key, KEYS[2] pause key; ARGV[1] pause µs, ARGV[2] tolerance µs. Moves the schedule
-// so that the next admission is no earlier than now + pause, and marks the pause itself so that
-// slots reserved before it was known are not used during it.
+// KEYS[1] gcra key, KEYS[2] pause key, KEYS[3] factor key; ARGV[1] pause µs, ARGV[2] tolerance
+// µs, ARGV[3] recovery per second. Moves the schedule so that the next admission is no earlier
+// than now + pause, marks the pause itself so that slots reserved before it was known are not
+// used during it, and halves the effective rate (not below a tenth). Returns the new factor ×1000.
 const PAUSE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local lowered = math.max(0.1, factor(KEYS[3], now) * 0.5)
+redis.call('SET', KEYS[3], string.format('%.4f:%d', lowered, now), 'PX', 600000)
 local pause_us = tonumber(ARGV[1])
 local target = now + pause_us + tonumber(ARGV[2])
 redis.call('SET', KEYS[2], '1', 'PX', math.max(1, math.floor(pause_us / 1000)))
@@ -66,8 +83,12 @@ local tat = tonumber(raw) or 0
 if tat < target then
   redis.call('SET', KEYS[1], string.format('%d', target), 'PX', math.floor((target - now) / 1000) + 60000)
 end
-return 1
+return math.floor(lowered * 1000)
 "#;
+
+/// Share of the configured rate regained per second after a slow-start decrease (full recovery
+/// from half the rate takes 25 s).
+pub const RECOVERY_PER_SEC: f64 = 0.02;
 
 /// Why the budget could not be consulted (Redis down, or a script error).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -105,14 +126,19 @@ impl RedisBudget {
             pool,
             prefix: prefix.to_string(),
             horizon: DEFAULT_HORIZON,
-            acquire: std::sync::Arc::new(Script::new(ACQUIRE)),
-            pause: std::sync::Arc::new(Script::new(PAUSE)),
+            acquire: std::sync::Arc::new(Script::new(&format!("{FACTOR}{ACQUIRE}"))),
+            pause: std::sync::Arc::new(Script::new(&format!("{FACTOR}{PAUSE}"))),
         }
     }
 
     /// `<prefix>:{<integration>}:gcra` — the hash tag keeps it on one Redis Cluster slot.
     pub fn key(&self, integration: &str) -> String {
         format!("{}:{{{}}}:gcra", self.prefix, integration)
+    }
+
+    /// `<prefix>:{<integration>}:rate` — the effective-rate factor after unexplained 429s.
+    pub fn factor_key(&self, integration: &str) -> String {
+        format!("{}:{{{}}}:rate", self.prefix, integration)
     }
 
     /// `<prefix>:{<integration>}:pause` — set for the length of a Retry-After.
@@ -127,9 +153,11 @@ impl RedisBudget {
         let (wait, reserved, repaired): (i64, i64, i64) = self
             .acquire
             .key(&name)
+            .key(self.factor_key(&key.integration))
             .arg(key.interval().as_micros() as i64)
             .arg(key.tolerance().saturating_sub(SAFETY_MARGIN).as_micros() as i64)
             .arg(self.horizon.as_micros() as i64)
+            .arg(RECOVERY_PER_SEC)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| BudgetError(e.to_string()))?;
@@ -175,18 +203,27 @@ impl RedisBudget {
         Ok(Duration::from_millis(ttl.max(0) as u64))
     }
 
-    /// Pauses the integration fleet-wide for `retry_after`.
+    /// Pauses the integration fleet-wide for `retry_after` and halves its effective rate (it
+    /// recovers by [`RECOVERY_PER_SEC`]): our own budget admitted the request, so the 429 means
+    /// someone else (another app, the workspace limit) spends the same Notion budget.
     pub async fn pause(&self, key: &BudgetKey, retry_after: Duration) -> Result<(), BudgetError> {
         let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
-        let _: i64 = self
+        let permille: i64 = self
             .pause
             .key(self.key(&key.integration))
             .key(self.pause_key(&key.integration))
+            .key(self.factor_key(&key.integration))
             .arg(retry_after.as_micros() as i64)
             .arg(key.tolerance().saturating_sub(SAFETY_MARGIN).as_micros() as i64)
+            .arg(RECOVERY_PER_SEC)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| BudgetError(e.to_string()))?;
+        tracing::warn!(
+            integration = %key.integration,
+            effective_rate = key.rate * permille as f64 / 1000.0,
+            "Unexplained 429: pausing the fleet and lowering the integration's effective rate."
+        );
         Ok(())
     }
 }
