@@ -215,10 +215,6 @@ impl Publisher {
         })
     }
 
-    pub fn topology(&self) -> &Topology {
-        &self.topology
-    }
-
     /// Publishes a job (persistent, mandatory) and waits for the confirm.
     pub async fn publish_job(
         &self,

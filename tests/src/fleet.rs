@@ -2,7 +2,6 @@
 //! `syncfleet-producer` commands, wired together through the local PostgreSQL, RabbitMQ and
 //! Redis. `script/demo` and `script/bench` drive it.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -224,9 +223,4 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// The bin directory (for messages).
-pub fn bin_dir() -> PathBuf {
-    binary("syncfleet-worker").ok().and_then(|p| p.parent().map(PathBuf::from)).unwrap_or_default()
 }

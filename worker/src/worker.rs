@@ -17,7 +17,6 @@ use lapin::{Channel, Connection};
 use sea_orm::DatabaseConnection;
 use syncfleet_shared::amqp::{self, AmqpError, Destination, PublishMeta, Publisher, Topology};
 use syncfleet_shared::budget::Budget;
-use syncfleet_shared::budget_redis::RedisBudget;
 use syncfleet_shared::crypto::TokenCipher;
 use syncfleet_shared::db::{self, DbError};
 use syncfleet_shared::notion::{NotionClient, NotionError};
@@ -90,14 +89,10 @@ impl Worker {
         topology.declare(&channel).await?;
         let publisher = Publisher::new(&connection, &settings.amqp).await?;
         let notion = NotionClient::new(&settings.notion)?;
-        let budget = Budget::Redis(RedisBudget::new(redis.clone(), &settings.redis.key_prefix));
+        let budget = Budget::new(redis.clone(), &settings.redis.key_prefix);
         let ctx =
             WorkerContext { budget, settings, db, notion, cipher, publisher, topology, redis, worker_id };
         Ok(Self { ctx: Arc::new(ctx), connection, channel })
-    }
-
-    pub fn context(&self) -> &Arc<WorkerContext> {
-        &self.ctx
     }
 
     /// Consumes until `shutdown` resolves, then drains in-flight jobs and closes connections.

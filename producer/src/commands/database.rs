@@ -7,7 +7,6 @@ use sea_orm::{EntityTrait, Set};
 use serde_json::Value;
 use syncfleet_shared::Settings;
 use syncfleet_shared::budget::{Budget, BudgetKey};
-use syncfleet_shared::budget_redis::RedisBudget;
 use syncfleet_shared::db::entities::{integration, notion_database};
 use syncfleet_shared::notion::types::{DataSourceObject, DatabaseObject, plain_text};
 use syncfleet_shared::notion::{Endpoint, NotionClient, NotionSession};
@@ -33,7 +32,7 @@ pub async fn add(
     };
     // Schema reads spend the same fleet-wide budget as the workers' syncs.
     let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
-    let budget = Budget::Redis(RedisBudget::new(redis, &settings.redis.key_prefix));
+    let budget = Budget::new(redis, &settings.redis.key_prefix);
     let session =
         NotionSession::new(NotionClient::new(&settings.notion)?, token, budget, key, &settings.notion);
 

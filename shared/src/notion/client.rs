@@ -25,17 +25,6 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 8] = [
-        Endpoint::RetrieveDatabase,
-        Endpoint::RetrieveDataSource,
-        Endpoint::QueryDataSource,
-        Endpoint::QueryDatabase,
-        Endpoint::RetrievePage,
-        Endpoint::PageProperty,
-        Endpoint::Search,
-        Endpoint::Users,
-    ];
-
     pub fn template(self) -> &'static str {
         match self {
             Endpoint::RetrieveDatabase => "/v1/databases/{database_id}",
@@ -102,10 +91,6 @@ impl NotionClient {
 
     pub fn base_url(&self) -> &str {
         &self.base_url
-    }
-
-    pub fn version(&self) -> &str {
-        &self.version
     }
 
     /// Sends one request. `path` is the concrete path for `endpoint` (ids filled in).

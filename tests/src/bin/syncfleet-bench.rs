@@ -292,14 +292,13 @@ struct HammerArgs {
 async fn hammer(a: HammerArgs) -> anyhow::Result<()> {
     use secrecy::SecretString;
     use syncfleet_shared::budget::{Budget, BudgetKey};
-    use syncfleet_shared::budget_redis::RedisBudget;
     use syncfleet_shared::notion::{Endpoint, NotionClient, NotionSession};
 
     let mut settings = syncfleet_shared::Settings::default();
     settings.redis.url = SecretString::from(a.redis.clone());
     settings.notion.base_url = a.sim.clone();
     let pool = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
-    let budget = Budget::Redis(RedisBudget::new(pool, &a.prefix));
+    let budget = Budget::new(pool, &a.prefix);
     let key = BudgetKey { integration: a.integration.clone(), rate: a.rate, burst: a.burst };
     let session = NotionSession::new(
         NotionClient::new(&settings.notion)?,

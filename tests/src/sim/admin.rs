@@ -223,7 +223,6 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
         for i in to_edit {
             let p = &mut db.pages[i];
             p.version += 1;
-            p.rendered = Default::default();
             p.last_edited = now.max(p.created);
             p.last_edited_by = users[rng.below(users.len() as u64) as usize];
             edited.push(p.id);
@@ -231,14 +230,12 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
         for i in to_trash {
             let p = &mut db.pages[i];
             p.in_trash = true;
-            p.rendered = Default::default();
             p.last_edited = now.max(p.created);
             trashed.push(p.id);
         }
         for i in to_restore {
             let p = &mut db.pages[i];
             p.in_trash = false;
-            p.rendered = Default::default();
             p.last_edited = now.max(p.created);
             restored.push(p.id);
         }
@@ -253,14 +250,12 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
                 in_trash: false,
                 created_by: users[rng.below(users.len() as u64) as usize],
                 last_edited_by: users[rng.below(users.len() as u64) as usize],
-                rendered: Default::default(),
             };
             db.by_id.insert(page.id, db.pages.len());
             created.push(page.id);
             new_index.push(page.id);
             db.pages.push(page);
         }
-        db.revision += 1;
     }
     for id in new_index {
         ws.page_index.insert(id, d);

@@ -226,7 +226,7 @@ fn query_rows(call: &Call<'_>, raw: &str, legacy: bool) -> Result<Response, ApiE
     let next = selection.next_after.map(|after| {
         call.state.new_cursor(CursorKind::Query { data_source: db.data_source_id, fingerprint, after })
     });
-    // Assembled from pre-rendered pages: the same bytes `list` would produce, much cheaper.
+    // Assembled from per-page bytes: the shape `list` produces, without one big value tree.
     let pages: Vec<_> = selection
         .indices
         .iter()

@@ -3,7 +3,6 @@
 //! so 100,000 pages cost a few megabytes; an edit bumps the version and `last_edited_time`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value, json};
@@ -206,8 +205,6 @@ pub struct SimPage {
     pub in_trash: bool,
     pub created_by: Uuid,
     pub last_edited_by: Uuid,
-    /// The rendered page object per API version; cleared whenever the page changes.
-    pub rendered: [OnceLock<Arc<[u8]>>; 3],
 }
 
 #[derive(Debug, Clone)]
@@ -220,8 +217,6 @@ pub struct SimDatabase {
     pub schema: Vec<PropDef>,
     pub pages: Vec<SimPage>,
     pub by_id: HashMap<Uuid, usize>,
-    /// Bumped on every change, so cached sort orders know when they are stale.
-    pub revision: u64,
 }
 
 /// The whole simulated workspace.
@@ -272,7 +267,6 @@ impl Workspace {
                 schema: default_schema(),
                 pages: Vec::with_capacity(pages as usize),
                 by_id: HashMap::with_capacity(pages as usize),
-                revision: 0,
             };
             for i in 0..pages {
                 let mut prng = Rng::new(&[seed, d, i, 0x9A]);
@@ -287,7 +281,6 @@ impl Workspace {
                     in_trash: false,
                     created_by: ws.users[prng.below(5) as usize],
                     last_edited_by: ws.users[prng.below(5) as usize],
-                    rendered: Default::default(),
                 };
                 db.by_id.insert(page.id, db.pages.len());
                 ws.page_index.insert(page.id, d as usize);
@@ -559,14 +552,6 @@ pub enum ApiVersion {
 }
 
 impl ApiVersion {
-    fn index(self) -> usize {
-        match self {
-            ApiVersion::V2022 => 0,
-            ApiVersion::V2025 => 1,
-            ApiVersion::V2026 => 2,
-        }
-    }
-
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "2022-06-28" => Some(ApiVersion::V2022),
@@ -614,18 +599,13 @@ pub fn page_object(
     obj
 }
 
-/// The page object as JSON bytes; whole pages are rendered once per change and version.
+/// The page object as JSON bytes.
 pub fn page_json(
     ws: &Workspace,
     db: &SimDatabase,
     page: &SimPage,
     version: ApiVersion,
     only: Option<&[String]>,
-) -> Arc<[u8]> {
-    let render =
-        || Arc::from(serde_json::to_vec(&page_object(ws, db, page, version, only)).unwrap_or_default());
-    match only {
-        Some(_) => render(),
-        None => page.rendered[version.index()].get_or_init(render).clone(),
-    }
+) -> Vec<u8> {
+    serde_json::to_vec(&page_object(ws, db, page, version, only)).unwrap_or_default()
 }
