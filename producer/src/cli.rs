@@ -38,6 +38,13 @@ pub enum Command {
     Database(DatabaseCommand),
     /// Publish a sync job for a database.
     Enqueue(EnqueueArgs),
+    /// Run the scheduler (incremental syncs on each database's interval, a full reconciliation
+    /// nightly) and serve /metrics, /healthz and /readyz. Runs until SIGTERM/SIGINT.
+    Serve {
+        /// Where to serve /metrics, /healthz and /readyz (also SYNCFLEET_METRICS_ADDR).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// Show databases and their latest runs.
     Status {
         /// Machine-readable output.
@@ -107,8 +114,15 @@ pub struct EnqueueArgs {
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
-    syncfleet_shared::telemetry::init(&settings);
-    match cli.command {
+    let telemetry = syncfleet_shared::telemetry::init(&settings, "syncfleet-producer");
+    let result = dispatch(cli.command, settings).await;
+    // Export the spans of this command (a publish, say) before the process ends.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}
+
+async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()> {
+    match command {
         Command::Migrate => commands::migrate::run(&settings).await,
         Command::Keygen => {
             use secrecy::ExposeSecret;
@@ -126,6 +140,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::database::add(&settings, &integration, id, data_source, interval_secs).await
         }
         Command::Enqueue(args) => commands::enqueue::run(&settings, &args).await,
+        Command::Serve { metrics_addr } => {
+            if metrics_addr.is_some() {
+                settings.metrics_addr = metrics_addr;
+            }
+            commands::serve::run(&settings, syncfleet_shared::shutdown::signal()).await
+        }
         Command::Status { json } => commands::status::run(&settings, json).await,
     }
 }

@@ -187,6 +187,10 @@ pub enum Destination {
     Dead { reason: String },
 }
 
+/// Unix milliseconds of the publish, for `syncfleet_job_queue_wait_seconds` (the AMQP
+/// `timestamp` property has only whole seconds; jobs from other publishers fall back to it).
+pub const PUBLISHED_MS_HEADER: &str = "x-syncfleet-published-ms";
+
 /// Extra AMQP headers for a publish (trace context, attempt).
 #[derive(Debug, Clone, Default)]
 pub struct PublishMeta {
@@ -224,6 +228,10 @@ impl Publisher {
     ) -> Result<(), AmqpError> {
         let mut headers = FieldTable::default();
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(meta.attempt.max(1))));
+        headers.insert(
+            PUBLISHED_MS_HEADER.into(),
+            AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
+        );
         for (k, v) in &meta.trace_headers {
             if let Ok(key) = ShortString::try_new(k.as_str()) {
                 headers.insert(key, long_string(v));
@@ -310,6 +318,24 @@ pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
 }
 
 /// Reads a string header, e.g. `traceparent`.
+/// When the message was published, as Unix milliseconds, from the best source it carries.
+pub fn published_at_ms(props: &BasicProperties) -> Option<i64> {
+    let precise = props.headers().as_ref().and_then(|h| match h.inner().get(PUBLISHED_MS_HEADER)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        _ => None,
+    });
+    precise.or_else(|| props.timestamp().map(|s| (s as i64).saturating_mul(1000)))
+}
+
+/// The W3C trace-context headers a message carries.
+pub fn trace_headers(props: &BasicProperties) -> Vec<(String, String)> {
+    ["traceparent", "tracestate"]
+        .iter()
+        .filter_map(|k| header_str(props, k).map(|v| (k.to_string(), v)))
+        .collect()
+}
+
 pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
     match props.headers().as_ref()?.inner().get(name)? {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),

@@ -38,7 +38,8 @@ end
 "#;
 
 // KEYS[1] gcra key, KEYS[2] factor key; ARGV[1] interval µs, ARGV[2] tolerance µs,
-// ARGV[3] horizon µs, ARGV[4] recovery per second. Returns {wait_us, reserved, repaired}.
+// ARGV[3] horizon µs, ARGV[4] recovery per second. Returns {wait_us, reserved, repaired,
+// effective-rate factor ×1000}.
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -57,12 +58,13 @@ if raw and not tat then repaired = 1 end
 if not tat or tat < now then tat = now end
 local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
+local permille = math.floor(tonumber(ARGV[1]) / interval * 1000)
 if wait > horizon then
-  return {wait - horizon, 0, repaired}
+  return {wait - horizon, 0, repaired, permille}
 end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 60000)
-return {wait, 1, repaired}
+return {wait, 1, repaired, permille}
 "#;
 
 // KEYS[1] gcra key, KEYS[2] pause key, KEYS[3] factor key; ARGV[1] pause µs, ARGV[2] tolerance
@@ -95,7 +97,14 @@ pub const RECOVERY_PER_SEC: f64 = 0.02;
 #[error("the rate budget in Redis is unavailable: {0}")]
 pub struct BudgetError(pub String);
 
-/// One slot request's answer.
+/// One slot request's answer, with the share of the configured rate in force (slow start).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Answer {
+    pub grant: Grant,
+    pub factor: f64,
+}
+
+/// Whether a slot was reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grant {
     /// Reserved: sleep this long, then send.
@@ -147,10 +156,10 @@ impl RedisBudget {
     }
 
     /// One round trip: reserves a slot or says when to ask again.
-    pub async fn try_acquire(&self, key: &BudgetKey) -> Result<Grant, BudgetError> {
+    pub async fn try_acquire(&self, key: &BudgetKey) -> Result<Answer, BudgetError> {
         let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
         let name = self.key(&key.integration);
-        let (wait, reserved, repaired): (i64, i64, i64) = self
+        let (wait, reserved, repaired, permille): (i64, i64, i64, i64) = self
             .acquire
             .key(&name)
             .key(self.factor_key(&key.integration))
@@ -165,15 +174,17 @@ impl RedisBudget {
             tracing::warn!(key = %name, "The rate budget key held an invalid value or type; it was reset.");
         }
         let wait = Duration::from_micros(wait.max(0) as u64);
-        Ok(if reserved == 1 { Grant::Reserved(wait) } else { Grant::RetryAfter(wait) })
+        let grant = if reserved == 1 { Grant::Reserved(wait) } else { Grant::RetryAfter(wait) };
+        Ok(Answer { grant, factor: permille as f64 / 1000.0 })
     }
 
     /// Waits for this caller's turn: reserves a slot, sleeps until it, and checks that no
     /// fleet-wide pause began meanwhile (then it waits the pause out and reserves again).
-    /// Two Redis round trips per request.
-    pub async fn acquire(&self, key: &BudgetKey) -> Result<(), BudgetError> {
+    /// Two Redis round trips per request. Returns the effective-rate factor in force.
+    pub async fn acquire(&self, key: &BudgetKey) -> Result<f64, BudgetError> {
         loop {
-            match self.try_acquire(key).await? {
+            let answer = self.try_acquire(key).await?;
+            match answer.grant {
                 Grant::RetryAfter(wait) => {
                     tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
                     continue;
@@ -186,7 +197,7 @@ impl RedisBudget {
             }
             let remaining = self.paused_for(key).await?;
             if remaining.is_zero() {
-                return Ok(());
+                return Ok(answer.factor);
             }
             tokio::time::sleep(remaining).await;
         }
@@ -206,7 +217,8 @@ impl RedisBudget {
     /// Pauses the integration fleet-wide for `retry_after` and halves its effective rate (it
     /// recovers by [`RECOVERY_PER_SEC`]): our own budget admitted the request, so the 429 means
     /// someone else (another app, the workspace limit) spends the same Notion budget.
-    pub async fn pause(&self, key: &BudgetKey, retry_after: Duration) -> Result<(), BudgetError> {
+    /// Returns the lowered effective-rate factor.
+    pub async fn pause(&self, key: &BudgetKey, retry_after: Duration) -> Result<f64, BudgetError> {
         let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
         let permille: i64 = self
             .pause
@@ -224,6 +236,6 @@ impl RedisBudget {
             effective_rate = key.rate * permille as f64 / 1000.0,
             "Unexplained 429: pausing the fleet and lowering the integration's effective rate."
         );
-        Ok(())
+        Ok(permille as f64 / 1000.0)
     }
 }

@@ -25,6 +25,9 @@ pub struct Settings {
     pub notion: NotionSettings,
     pub worker: WorkerSettings,
     pub sync: SyncSettings,
+    pub scheduler: SchedulerSettings,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (e.g. `0.0.0.0:9090`); off when unset.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Base64 of the 32-byte AES-256-GCM key that encrypts Notion tokens at rest.
     pub encryption_key: Option<SecretString>,
     /// `text` (default) or `json`: one JSON object per log line.
@@ -191,6 +194,25 @@ impl SyncSettings {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SchedulerSettings {
+    /// How often `syncfleet-producer serve` looks for databases that are due.
+    pub tick_secs: u64,
+    /// A full reconciliation (which also finds deletions) per database this often; nightly by
+    /// default. `0` turns it off.
+    pub full_every_secs: u64,
+    /// The incremental interval of databases registered without `--interval-secs`; `0` means
+    /// such databases are synced only on demand.
+    pub default_interval_secs: u64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self { tick_secs: 5, full_every_secs: 24 * 3600, default_interval_secs: 0 }
+    }
+}
+
 /// Why settings could not be loaded. Never carries a secret value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -243,6 +265,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "sync.default_rate",
                 reason: "must be a positive number".into(),
+            });
+        }
+        if self.scheduler.tick_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "scheduler.tick_secs",
+                reason: "must be at least 1".into(),
             });
         }
         if url::Url::parse(&self.notion.base_url).is_err() {

@@ -83,7 +83,15 @@ pub async fn try_acquire(
     database: &uuid::Uuid,
     lease: Duration,
 ) -> Result<Option<LeaseGuard>, LockError> {
-    let key = lock_key(prefix, database);
+    try_acquire_key(pool, lock_key(prefix, database), lease).await
+}
+
+/// Takes the lease at `key` if it is free (also used for the producer's scheduler leadership).
+pub async fn try_acquire_key(
+    pool: &Pool,
+    key: String,
+    lease: Duration,
+) -> Result<Option<LeaseGuard>, LockError> {
     let token = uuid::Uuid::new_v4().to_string();
     let mut conn = pool.get().await.map_err(|e| LockError(e.to_string()))?;
     let set: Option<String> = redis::cmd("SET")

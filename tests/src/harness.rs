@@ -136,7 +136,11 @@ impl TestEnv {
         mode: SyncMode,
         n: usize,
     ) -> anyhow::Result<Vec<Uuid>> {
-        let publisher = syncfleet_producer::publish::JobPublisher::connect(&self.settings).await?;
+        let publisher = syncfleet_producer::publish::JobPublisher::connect(
+            &self.settings,
+            syncfleet_shared::metrics::Metrics::new(syncfleet_shared::metrics::Role::Producer),
+        )
+        .await?;
         let mut ids = Vec::with_capacity(n);
         for _ in 0..n {
             let data = SyncDatabaseJob {

@@ -3,6 +3,7 @@
 //! Every error reduces to one [`Disposition`]; only the consumer turns that into AMQP calls,
 //! and it acks only after the outcome is committed to PostgreSQL.
 
+use syncfleet_shared::metrics::Outcome;
 use syncfleet_shared::notion::{FailureClass, NotionError};
 
 /// What the consumer does with a delivery.
@@ -16,6 +17,31 @@ pub enum Disposition {
     Retry { reason: String },
     /// Publish to the dead-letter queue with this reason, then ack.
     DeadLetter { reason: String },
+}
+
+/// A disposition plus the outcome it stands for in `syncfleet_jobs_processed_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub disposition: Disposition,
+    pub outcome: Outcome,
+}
+
+impl Verdict {
+    pub fn new(disposition: Disposition, outcome: Outcome) -> Self {
+        Self { disposition, outcome }
+    }
+}
+
+/// The usual reading: acked = succeeded, retry tier = retried, dead letter = dead-lettered.
+impl From<Disposition> for Verdict {
+    fn from(disposition: Disposition) -> Self {
+        let outcome = match &disposition {
+            Disposition::Ack => Outcome::Succeeded,
+            Disposition::Requeue | Disposition::Retry { .. } => Outcome::Retried,
+            Disposition::DeadLetter { .. } => Outcome::DeadLettered,
+        };
+        Self { disposition, outcome }
+    }
 }
 
 /// A job that did not complete.

@@ -15,13 +15,15 @@ use syncfleet_shared::{amqp, budget::BudgetKey};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::error::{Disposition, JobFailure};
+use crate::error::{Disposition, JobFailure, Verdict};
 use crate::sync::SyncRun;
 use crate::worker::WorkerContext;
+use syncfleet_shared::metrics::Outcome;
 
 /// The outcome of handling one delivery, with the parsed job when there was one.
 pub struct Handled {
     pub disposition: Disposition,
+    pub outcome: Outcome,
     pub job: Option<JobEnvelope>,
     pub attempt: u32,
 }
@@ -40,6 +42,7 @@ pub async fn handle(
             tracing::warn!(error = %e, kind = e.kind(), "Rejecting a message that is not a valid sync job.");
             return Handled {
                 disposition: Disposition::DeadLetter { reason: e.to_string() },
+                outcome: Outcome::Rejected,
                 job: None,
                 attempt,
             };
@@ -53,8 +56,8 @@ pub async fn handle(
         mode = job.data.mode.as_str(),
         attempt
     );
-    let disposition = run_job(ctx, &job, attempt, shutdown).instrument(span).await;
-    Handled { disposition, job: Some(job), attempt }
+    let verdict = run_job(ctx, &job, attempt, shutdown).instrument(span).await;
+    Handled { disposition: verdict.disposition, outcome: verdict.outcome, job: Some(job), attempt }
 }
 
 async fn run_job(
@@ -62,20 +65,20 @@ async fn run_job(
     job: &JobEnvelope,
     attempt: u32,
     shutdown: CancellationToken,
-) -> Disposition {
+) -> Verdict {
     let database = match notion_database::Entity::find_by_id(job.data.database_id).one(&ctx.db).await {
         Ok(Some(db)) => db,
         Ok(None) => {
             tracing::warn!("Rejecting a job for a database that is not registered.");
-            return Disposition::DeadLetter { reason: format!("unknown database {}", job.data.database_id) };
+            let reason = format!("unknown database {}", job.data.database_id);
+            return Verdict::new(Disposition::DeadLetter { reason }, Outcome::Rejected);
         }
-        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await,
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await.into(),
     };
     if database.integration != job.data.integration {
         tracing::warn!(registered = %database.integration, "Rejecting a job whose integration does not own the database.");
-        return Disposition::DeadLetter {
-            reason: format!("database {} belongs to integration {}", database.id, database.integration),
-        };
+        let reason = format!("database {} belongs to integration {}", database.id, database.integration);
+        return Verdict::new(Disposition::DeadLetter { reason }, Outcome::Rejected);
     }
     // One running sync per database.
     let lease = Duration::from_secs(ctx.settings.worker.lease_secs);
@@ -83,7 +86,7 @@ async fn run_job(
     {
         Ok(Some(guard)) => guard,
         Ok(None) => return database_busy(ctx, job, attempt).await,
-        Err(e) => return transient(ctx, job, attempt, &JobFailure::Lock(e)).await,
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Lock(e)).await.into(),
     };
     let disposition = run_locked(ctx, job, attempt, database, shutdown, &guard).await;
     guard.release().await;
@@ -92,26 +95,27 @@ async fn run_job(
 
 /// The lock is held. A fresh job asks the holder for one more pass and is recorded as skipped;
 /// a job that was already running (its worker died holding the lock) waits for the lease instead.
-async fn database_busy(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32) -> Disposition {
+async fn database_busy(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32) -> Verdict {
     match runs::current_status(&ctx.db, job.id).await {
         Ok(Some(state)) if state == status::RUNNING || state == status::RETRYING => {
             tracing::info!(
                 "The database is locked by an earlier attempt of this job; retrying after the lease."
             );
             let error = JobFailure::Lock(lock::LockError("held by an earlier attempt".into()));
-            return transient(ctx, job, attempt, &error).await;
+            return transient(ctx, job, attempt, &error).await.into();
         }
         Ok(_) => {}
-        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await,
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await.into(),
     }
     if let Err(e) = request_rerun(ctx, job.data.database_id).await {
-        return transient(ctx, job, attempt, &JobFailure::Lock(e)).await;
+        return transient(ctx, job, attempt, &JobFailure::Lock(e)).await.into();
     }
     if let Err(e) = runs::mark_skipped(&ctx.db, job, attempt).await {
-        return transient(ctx, job, attempt, &JobFailure::Db(e)).await;
+        return transient(ctx, job, attempt, &JobFailure::Db(e)).await.into();
     }
+    ctx.metrics.lock_contended.inc();
     tracing::info!("Another sync of this database is running; it will make one more incremental pass.");
-    Disposition::Ack
+    Verdict::new(Disposition::Ack, Outcome::Skipped)
 }
 
 async fn request_rerun(ctx: &WorkerContext, database: uuid::Uuid) -> Result<(), lock::LockError> {
@@ -147,18 +151,18 @@ async fn run_locked(
     database: notion_database::Model,
     shutdown: CancellationToken,
     guard: &lock::LeaseGuard,
-) -> Disposition {
+) -> Verdict {
     let fence = match fence::next(&ctx.db, database.id).await {
         Ok(f) => f,
-        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await,
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await.into(),
     };
     let checkpoint = match runs::start_attempt(&ctx.db, job, attempt, &ctx.worker_id).await {
         Ok(StartOutcome::Started { checkpoint }) => checkpoint,
         Ok(StartOutcome::AlreadyFinal(state)) => {
             tracing::info!(status = %state, "Job already finished; acknowledging the redelivery without rerunning.");
-            return Disposition::Ack;
+            return Verdict::new(Disposition::Ack, Outcome::Skipped);
         }
-        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await,
+        Err(e) => return transient(ctx, job, attempt, &JobFailure::Db(e)).await.into(),
     };
     if checkpoint.is_some() {
         tracing::info!("Resuming from the run's checkpoint.");
@@ -173,7 +177,7 @@ async fn run_locked(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "Could not check for a requested rerun."),
     }
-    Disposition::Ack
+    Disposition::Ack.into()
 }
 
 async fn sync_once(
@@ -198,6 +202,7 @@ async fn sync_once(
         fence,
         shutdown: shutdown.clone(),
         lease_lost: guard.lost(),
+        metrics: ctx.metrics.clone(),
     };
     let started = std::time::Instant::now();
     let summary = run.run().await?;
@@ -268,11 +273,14 @@ async fn open_session(
 }
 
 /// Records a failed attempt and chooses requeue, retry tier or dead letter.
-async fn fail(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32, error: JobFailure) -> Disposition {
+async fn fail(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32, error: JobFailure) -> Verdict {
     if matches!(error, JobFailure::Interrupted) {
         tracing::info!("Shutting down mid-job; progress is committed and the job goes back to the queue.");
         let _ = runs::set_status(&ctx.db, job.id, status::QUEUED, None).await;
-        return Disposition::Requeue;
+        return Disposition::Requeue.into();
+    }
+    if matches!(error, JobFailure::LeaseLost) {
+        ctx.metrics.lease_lost.inc();
     }
     if matches!(error, JobFailure::LeaseLost | JobFailure::FenceRejected(_)) {
         // Another worker owns the database now; make sure it runs one more pass, and stand down.
@@ -280,16 +288,17 @@ async fn fail(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32, error: JobFa
         let _ = request_rerun(ctx, job.data.database_id).await;
         let _ = runs::set_status(&ctx.db, job.id, status::FAILED, Some((error.kind(), &message))).await;
         tracing::warn!(kind = error.kind(), "Stood down: another worker holds this database's lock.");
-        return Disposition::Ack;
+        return Verdict::new(Disposition::Ack, Outcome::Failed);
     }
     match error.class() {
         FailureClass::Permanent => {
             tracing::error!(error = %error, kind = error.kind(), "Sync failed permanently.");
             let message = error.to_string();
             let _ = runs::set_status(&ctx.db, job.id, status::FAILED, Some((error.kind(), &message))).await;
-            Disposition::DeadLetter { reason: format!("{}: {message}", error.kind()) }
+            let reason = format!("{}: {message}", error.kind());
+            Verdict::new(Disposition::DeadLetter { reason }, Outcome::Failed)
         }
-        FailureClass::Transient | FailureClass::Rate => transient(ctx, job, attempt, &error).await,
+        FailureClass::Transient | FailureClass::Rate => transient(ctx, job, attempt, &error).await.into(),
     }
 }
 

@@ -21,6 +21,9 @@ struct Args {
     /// Jobs run at once (also the AMQP prefetch); overrides SYNCFLEET_WORKER__CONCURRENCY.
     #[arg(long)]
     concurrency: Option<u16>,
+    /// Where to serve /metrics, /healthz and /readyz (also SYNCFLEET_METRICS_ADDR).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// A TOML settings file (also SYNCFLEET_CONFIG).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -43,11 +46,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    telemetry::init(&settings);
+    if args.metrics_addr.is_some() {
+        settings.metrics_addr = args.metrics_addr;
+    }
+    let telemetry = telemetry::init(&settings, "syncfleet-worker");
     let result = match Worker::build(settings).await {
         Ok(worker) => worker.run_until(shutdown::signal()).await,
         Err(e) => Err(e),
     };
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

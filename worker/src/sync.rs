@@ -9,6 +9,7 @@
 //! whose cursor Notion rejects, restarts its query at the checkpoint's timestamp (inclusive, and
 //! minus the overlap for incremental runs). Upserts by page id make the re-read rows harmless.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,6 +20,7 @@ use syncfleet_shared::db::fence;
 use syncfleet_shared::db::pages::{self, PageRow};
 use syncfleet_shared::db::runs::{self, Checkpoint, RunDelta};
 use syncfleet_shared::job::SyncMode;
+use syncfleet_shared::metrics::Metrics;
 use syncfleet_shared::notion::types::{ListResponse, QueryRequest, Timestamp};
 use syncfleet_shared::notion::{Endpoint, NotionError, NotionSession};
 
@@ -26,6 +28,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::JobFailure;
@@ -51,6 +54,7 @@ pub struct SyncRun {
     pub shutdown: CancellationToken,
     /// Cancelled when the database lock's lease is lost.
     pub lease_lost: CancellationToken,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Totals of a finished run: the sum of its batches' counter increments.
@@ -224,6 +228,7 @@ impl SyncRun {
         if fence::is_current(txn, self.database.id, self.fence).await? {
             return Ok(());
         }
+        self.metrics.fence_rejected_writes.inc();
         tracing::warn!(fence = self.fence, "Write rejected: a newer lock holder owns this database.");
         Err(JobFailure::FenceRejected(self.fence))
     }
@@ -233,12 +238,30 @@ impl SyncRun {
         &self,
         seq: u64,
         batch: Batch,
-        mut committed: watch::Receiver<u64>,
+        committed: watch::Receiver<u64>,
         committed_tx: &watch::Sender<u64>,
     ) -> Result<RunDelta, JobFailure> {
         for bad in &batch.invalid {
             tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "Skipping a page that failed validation.");
         }
+        let span = tracing::info_span!(
+            "db.upsert",
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = "upsert",
+            db.collection.name = "notion_pages",
+            db.operation.batch.size = batch.rows.len(),
+        );
+        self.write_one_in(seq, batch, committed, committed_tx).instrument(span).await
+    }
+
+    async fn write_one_in(
+        &self,
+        seq: u64,
+        batch: Batch,
+        mut committed: watch::Receiver<u64>,
+        committed_tx: &watch::Sender<u64>,
+    ) -> Result<RunDelta, JobFailure> {
         let write_started = std::time::Instant::now();
         let stamp_seen = self.mode == SyncMode::Full;
         let txn = self.db.begin().await?;
@@ -268,6 +291,7 @@ impl SyncRun {
         runs::record_progress(&txn, self.run_id, &delta, batch.checkpoint.as_ref()).await?;
         txn.commit().await?;
         committed_tx.send_replace(seq);
+        self.metrics.pages_changed(delta.created, delta.updated, delta.unchanged, 0, delta.invalid);
         tracing::debug!(rows, write_ms = write_started.elapsed().as_millis() as u64, "Batch committed.");
         Ok(delta)
     }
@@ -302,6 +326,7 @@ impl SyncRun {
         let final_status = if summary.invalid > 0 { status::PARTIAL } else { status::SUCCEEDED };
         runs::set_status(&txn, self.run_id, final_status, None).await?;
         txn.commit().await?;
+        self.metrics.pages_changed(0, 0, 0, deleted, 0);
         *summary += delta;
         Ok(())
     }

@@ -14,15 +14,18 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, EntityTrait};
 use syncfleet_shared::amqp::{self, AmqpError, Destination, PublishMeta, Publisher, Topology};
 use syncfleet_shared::budget::Budget;
 use syncfleet_shared::crypto::TokenCipher;
 use syncfleet_shared::db::{self, DbError};
+use syncfleet_shared::metrics::{Metrics, Outcome, Role};
 use syncfleet_shared::notion::{NotionClient, NotionError};
+use syncfleet_shared::ops::{self, OpsError, Readiness};
 use syncfleet_shared::{ConfigError, Settings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::Disposition;
 use crate::handler;
@@ -40,6 +43,8 @@ pub enum WorkerError {
     Notion(#[from] NotionError),
     #[error(transparent)]
     Redis(#[from] syncfleet_shared::redis_pool::RedisError),
+    #[error(transparent)]
+    Ops(#[from] OpsError),
     #[error("the RabbitMQ consumer stopped unexpectedly: {0}")]
     ConsumerLost(String),
 }
@@ -57,17 +62,28 @@ pub struct WorkerContext {
     /// Coordination state (rate budgets, locks) lives in Redis.
     pub redis: deadpool_redis::Pool,
     pub worker_id: String,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Worker {
     ctx: Arc<WorkerContext>,
     connection: Connection,
     channel: Channel,
+    ready: Readiness,
+    ops_stop: CancellationToken,
 }
 
 impl Worker {
     /// Connects to everything and declares the topology; fails fast with a clear error.
     pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
+        let metrics = Metrics::new(Role::Worker);
+        let ready = Readiness::default();
+        let ops_stop = CancellationToken::new();
+        // Liveness answers while connecting; readiness only once consuming.
+        if let Some(addr) = settings.metrics_addr {
+            ops::serve(addr, metrics.clone(), ready.clone(), ops_stop.clone()).await?;
+        }
+        metrics.worker_concurrency.set(i64::from(settings.worker.concurrency));
         let cipher = match &settings.encryption_key {
             Some(_) => Some(settings.token_cipher()?),
             None => {
@@ -88,11 +104,29 @@ impl Worker {
             .map_err(|source| AmqpError::Protocol { op: "channel.open", source })?;
         topology.declare(&channel).await?;
         let publisher = Publisher::new(&connection, &settings.amqp).await?;
-        let notion = NotionClient::new(&settings.notion)?;
+        let notion = NotionClient::new(&settings.notion, metrics.clone())?;
         let budget = Budget::new(redis.clone(), &settings.redis.key_prefix);
-        let ctx =
-            WorkerContext { budget, settings, db, notion, cipher, publisher, topology, redis, worker_id };
-        Ok(Self { ctx: Arc::new(ctx), connection, channel })
+        match syncfleet_shared::db::entities::integration::Entity::find().all(&db).await {
+            Ok(integrations) => {
+                for i in integrations {
+                    metrics.observe_integration(&i.slug, i.rate_per_second);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not list integrations for the metrics."),
+        }
+        let ctx = WorkerContext {
+            budget,
+            settings,
+            db,
+            notion,
+            cipher,
+            publisher,
+            topology,
+            redis,
+            worker_id,
+            metrics,
+        };
+        Ok(Self { ctx: Arc::new(ctx), connection, channel, ready, ops_stop })
     }
 
     /// Consumes until `shutdown` resolves, then drains in-flight jobs and closes connections.
@@ -119,6 +153,7 @@ impl Worker {
             queue = %self.ctx.topology.jobs_queue(),
             "Worker is consuming."
         );
+        self.ready.set(true);
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
@@ -140,6 +175,7 @@ impl Worker {
                 }
             }
         }
+        self.ready.set(false);
         tracing::info!(
             in_flight = tasks.len(),
             "Stopping: no new jobs; in-flight jobs checkpoint and requeue."
@@ -162,6 +198,7 @@ impl Worker {
         let _ = self.channel.close(200, "worker shutdown".into()).await;
         let _ = self.connection.close(200, "worker shutdown".into()).await;
         self.ctx.db.clone().close().await.ok();
+        self.ops_stop.cancel();
         tracing::info!("Worker stopped.");
         match failure {
             Some(e) => Err(e),
@@ -170,16 +207,53 @@ impl Worker {
     }
 }
 
-/// Handles a delivery and settles it with RabbitMQ according to its disposition.
+/// Handles a delivery inside its `process syncfleet.jobs` consumer span (continuing the
+/// publisher's trace when the message carries one) and settles it.
 async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: CancellationToken) {
-    let handled = handler::handle(&ctx, &delivery.data, &delivery.properties, stop).await;
+    let started = std::time::Instant::now();
+    let metrics = ctx.metrics.clone();
+    metrics.jobs_in_flight.inc();
+    if let Some(published) = amqp::published_at_ms(&delivery.properties) {
+        let waited = chrono::Utc::now().timestamp_millis() - published;
+        metrics.job_queue_wait.observe(waited.max(0) as f64 / 1000.0);
+    }
+    let span = tracing::info_span!(
+        "process syncfleet.jobs",
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %ctx.topology.jobs_queue(),
+        messaging.message.id = delivery.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""),
+        messaging.rabbitmq.message.delivery_tag = delivery.delivery_tag,
+        messaging.message.body.size = delivery.data.len(),
+        job.outcome = tracing::field::Empty,
+    );
+    syncfleet_shared::telemetry::continue_trace(&span, &amqp::trace_headers(&delivery.properties));
+    let outcome = settle(&ctx, &delivery, stop).instrument(span.clone()).await;
+    span.record("job.outcome", outcome.map(Outcome::as_str).unwrap_or("requeued"));
+    if let Some(outcome) = outcome {
+        metrics.job_processed(outcome);
+    }
+    metrics.job_duration.observe(started.elapsed().as_secs_f64());
+    metrics.jobs_in_flight.dec();
+}
+
+/// Runs the handler and settles the delivery; returns the outcome for the metrics (`None` for
+/// a job handed back to the queue at shutdown, which is neither a success nor a failure).
+async fn settle(ctx: &WorkerContext, delivery: &Delivery, stop: CancellationToken) -> Option<Outcome> {
+    let handled = handler::handle(ctx, &delivery.data, &delivery.properties, stop).await;
+    let mut outcome = Some(handled.outcome);
     let settle = match &handled.disposition {
-        Disposition::Ack => ack(&delivery).await,
-        Disposition::Requeue => delivery
-            .nack(BasicNackOptions { requeue: true, ..Default::default() })
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        Disposition::Ack => ack(delivery).await,
+        Disposition::Requeue => {
+            outcome = None;
+            delivery
+                .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
         Disposition::Retry { reason } => {
             let published = match (&handled.job, ctx.topology.tier_for_attempt(handled.attempt)) {
                 (Some(job), Some(tier)) => ctx
@@ -187,7 +261,7 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
                     .publish_job(
                         job,
                         &Destination::Retry(tier.clone()),
-                        &meta(&ctx, handled.attempt + 1, &delivery),
+                        &meta(ctx, handled.attempt + 1, delivery),
                     )
                     .await
                     .map(|_| tier.name.clone()),
@@ -196,9 +270,9 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
             match published {
                 Ok(tier) => {
                     tracing::info!(tier = %tier, reason = %reason, "Job moved to a retry tier.");
-                    ack(&delivery).await
+                    ack(delivery).await
                 }
-                Err(e) => requeue_after_publish_failure(&delivery, &e).await,
+                Err(e) => requeue_after_publish_failure(delivery, &e).await,
             }
         }
         Disposition::DeadLetter { reason } => {
@@ -206,22 +280,20 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
             match ctx.publisher.dead_letter_raw(&delivery.data, &delivery.properties, reason).await {
                 Ok(()) => {
                     tracing::warn!(reason = %reason, "Job dead-lettered.");
-                    ack(&delivery).await
+                    ack(delivery).await
                 }
-                Err(e) => requeue_after_publish_failure(&delivery, &e).await,
+                Err(e) => requeue_after_publish_failure(delivery, &e).await,
             }
         }
     };
     if let Err(e) = settle {
         tracing::error!(error = %e, "Failed to settle a delivery; RabbitMQ will redeliver it.");
     }
+    outcome
 }
 
 fn meta(ctx: &WorkerContext, attempt: u32, delivery: &Delivery) -> PublishMeta {
-    let trace_headers = ["traceparent", "tracestate"]
-        .iter()
-        .filter_map(|k| amqp::header_str(&delivery.properties, k).map(|v| (k.to_string(), v)))
-        .collect();
+    let trace_headers = amqp::trace_headers(&delivery.properties);
     PublishMeta { attempt, app_id: format!("syncfleet-worker/{}", ctx.worker_id), trace_headers }
 }
 

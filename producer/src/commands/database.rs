@@ -8,6 +8,7 @@ use serde_json::Value;
 use syncfleet_shared::Settings;
 use syncfleet_shared::budget::{Budget, BudgetKey};
 use syncfleet_shared::db::entities::{integration, notion_database};
+use syncfleet_shared::metrics::{Metrics, Role};
 use syncfleet_shared::notion::types::{DataSourceObject, DatabaseObject, plain_text};
 use syncfleet_shared::notion::{Endpoint, NotionClient, NotionSession};
 use uuid::Uuid;
@@ -33,8 +34,13 @@ pub async fn add(
     // Schema reads spend the same fleet-wide budget as the workers' syncs.
     let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
     let budget = Budget::new(redis, &settings.redis.key_prefix);
-    let session =
-        NotionSession::new(NotionClient::new(&settings.notion)?, token, budget, key, &settings.notion);
+    let session = NotionSession::new(
+        NotionClient::new(&settings.notion, Metrics::new(Role::Producer))?,
+        token,
+        budget,
+        key,
+        &settings.notion,
+    );
 
     let database: DatabaseObject = session
         .request::<(), _>(Endpoint::RetrieveDatabase, &format!("/v1/databases/{id}"), None)

@@ -19,7 +19,8 @@ pub async fn run(settings: &Settings, args: &EnqueueArgs) -> anyhow::Result<()> 
         .one(&db)
         .await?
         .ok_or_else(|| anyhow!("database {} is not registered (run `database add` first)", args.database))?;
-    let publisher = JobPublisher::connect(settings).await?;
+    let metrics = syncfleet_shared::metrics::Metrics::new(syncfleet_shared::metrics::Role::Producer);
+    let publisher = JobPublisher::connect(settings, metrics).await?;
     let mode = match args.mode {
         ModeArg::Full => SyncMode::Full,
         ModeArg::Incremental => SyncMode::Incremental,

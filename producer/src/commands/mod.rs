@@ -4,4 +4,5 @@ pub mod database;
 pub mod enqueue;
 pub mod integration;
 pub mod migrate;
+pub mod serve;
 pub mod status;

@@ -1,5 +1,6 @@
 //! One HTTP request to Notion, with Notion's error bodies mapped to [`NotionError`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -8,8 +9,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::circuit::Breakers;
 use super::error::NotionError;
 use crate::config::NotionSettings;
+use crate::metrics::Metrics;
 
 /// The endpoints syncfleet calls; the URL template is the metric and span label (never an id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,6 +28,18 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every endpoint, so metric label sets can be zero-initialised.
+    pub const ALL: [Endpoint; 8] = [
+        Endpoint::RetrieveDatabase,
+        Endpoint::RetrieveDataSource,
+        Endpoint::QueryDataSource,
+        Endpoint::QueryDatabase,
+        Endpoint::RetrievePage,
+        Endpoint::PageProperty,
+        Endpoint::Search,
+        Endpoint::Users,
+    ];
+
     pub fn template(self) -> &'static str {
         match self {
             Endpoint::RetrieveDatabase => "/v1/databases/{database_id}",
@@ -54,11 +69,14 @@ pub struct Response<T> {
 }
 
 /// A thin, cloneable client. It holds no token: each call is given the integration's token.
+/// The process's metrics and per-integration circuit breakers travel with it.
 #[derive(Debug, Clone)]
 pub struct NotionClient {
     http: reqwest::Client,
     base_url: String,
     version: String,
+    metrics: Arc<Metrics>,
+    breakers: Breakers,
 }
 
 #[derive(serde::Deserialize)]
@@ -70,7 +88,7 @@ struct ErrorBody {
 }
 
 impl NotionClient {
-    pub fn new(settings: &NotionSettings) -> Result<Self, NotionError> {
+    pub fn new(settings: &NotionSettings, metrics: Arc<Metrics>) -> Result<Self, NotionError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(settings.timeout_secs.max(1)))
             .connect_timeout(Duration::from_secs(settings.timeout_secs.clamp(1, 10)))
@@ -86,11 +104,27 @@ impl NotionClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
             version: settings.version.clone(),
+            breakers: Breakers::new(metrics.clone()),
+            metrics,
         })
     }
 
     pub fn base_url(&self) -> &str {
         &self.base_url
+    }
+
+    /// `host[:port]` of the base URL, for the `server.address` span attribute.
+    pub fn server_address(&self) -> &str {
+        let rest = self.base_url.split("://").nth(1).unwrap_or(&self.base_url);
+        rest.split('/').next().unwrap_or(rest)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn breakers(&self) -> &Breakers {
+        &self.breakers
     }
 
     /// Sends one request. `path` is the concrete path for `endpoint` (ids filled in).

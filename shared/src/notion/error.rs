@@ -28,6 +28,8 @@ pub enum NotionError {
     Decode { endpoint: &'static str, message: String },
     #[error("gave up after waiting {0:?} on Retry-After")]
     RateWaitExceeded(Duration),
+    #[error("Notion keeps failing for this integration; requests are paused for {0:?} (circuit open)")]
+    CircuitOpen(Duration),
     #[error(transparent)]
     Budget(#[from] crate::budget_redis::BudgetError),
 }
@@ -44,6 +46,7 @@ impl NotionError {
             NotionError::Transport { .. }
             | NotionError::Decode { .. }
             | NotionError::RateWaitExceeded(_)
+            | NotionError::CircuitOpen(_)
             | NotionError::Budget(_) => FailureClass::Transient,
         }
     }
@@ -62,7 +65,23 @@ impl NotionError {
             NotionError::Transport { .. } => "notion_unreachable",
             NotionError::Decode { .. } => "notion_bad_response",
             NotionError::RateWaitExceeded(_) => "notion_rate_wait_exceeded",
+            NotionError::CircuitOpen(_) => "notion_circuit_open",
             NotionError::Budget(_) => "budget_unavailable",
         }
+    }
+
+    /// The HTTP status Notion answered with, when it answered at all.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            NotionError::RateLimited { status, .. } | NotionError::Api { status, .. } => Some(*status),
+            NotionError::InvalidCursor => Some(400),
+            NotionError::Decode { .. } => Some(200),
+            _ => None,
+        }
+    }
+
+    /// Counts against the circuit breaker: Notion (or the path to it) is failing.
+    pub fn trips_circuit(&self) -> bool {
+        matches!(self, NotionError::Transport { .. } | NotionError::Api { status: 500..=599, .. })
     }
 }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
 
 use rand::Rng;
 use secrecy::SecretString;
@@ -63,6 +65,13 @@ impl NotionSession {
             max_transient_retries: settings.max_transient_retries,
             max_rate_wait: Duration::from_secs(settings.max_rate_wait_secs),
         }
+        .observed()
+    }
+
+    /// Makes sure the integration's metric label sets exist.
+    fn observed(self) -> Self {
+        self.client.metrics().observe_integration(&self.key.integration, self.key.rate);
+        self
     }
 
     pub fn stats(&self) -> &Arc<RequestStats> {
@@ -74,22 +83,63 @@ impl NotionSession {
     }
 
     /// Sends a request under the budget, waiting out rate limits and retrying transient errors.
+    /// Each wait is a `budget.acquire` span and each send a `notion.request` HTTP client span.
     pub async fn request<B: Serialize + ?Sized + Sync, T: DeserializeOwned>(
         &self,
         endpoint: Endpoint,
         path: &str,
         body: Option<&B>,
     ) -> Result<Response<T>, NotionError> {
+        let integration = self.key.integration.as_str();
+        let metrics = self.client.metrics().clone();
         let mut transient_failures = 0u32;
         let mut rate_waited = Duration::ZERO;
         loop {
-            self.budget.acquire(&self.key).await?;
+            if let Err(remaining) = self.client.breakers().check(integration) {
+                return Err(NotionError::CircuitOpen(remaining));
+            }
+            let waiting = Instant::now();
+            let factor = self
+                .budget
+                .acquire(&self.key)
+                .instrument(tracing::info_span!("budget.acquire", integration))
+                .await?;
+            metrics.rate_budget_wait.observe(waiting.elapsed().as_secs_f64());
+            metrics.rate_budget_effective.with_label_values(&[integration]).set(self.key.rate * factor);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let result = self.client.send(&self.token, endpoint, path, body).await;
+            let span = tracing::info_span!(
+                "notion.request",
+                otel.kind = "client",
+                http.request.method = %endpoint.method(),
+                url.template = endpoint.template(),
+                server.address = self.client.server_address(),
+                http.response.status_code = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                integration,
+            );
+            let sent = Instant::now();
+            let result = self.client.send(&self.token, endpoint, path, body).instrument(span.clone()).await;
+            let status = match &result {
+                Ok(_) => Some(200),
+                Err(e) => e.http_status(),
+            };
+            metrics.notion_request(integration, endpoint, status, sent.elapsed());
+            if let Some(code) = status {
+                span.record("http.response.status_code", code);
+            }
             let error = match result {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    self.client.breakers().record_success(integration);
+                    return Ok(response);
+                }
                 Err(error) => error,
             };
+            span.record("error.type", error.kind());
+            span.record("otel.status_code", "ERROR");
+            if error.trips_circuit() {
+                self.client.breakers().record_failure(integration);
+            }
             match error.class() {
                 FailureClass::Rate => {
                     self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -102,18 +152,22 @@ impl NotionSession {
                         return Err(NotionError::RateWaitExceeded(rate_waited));
                     }
                     tracing::info!(
-                        integration = %self.key.integration,
+                        integration,
                         endpoint = endpoint.template(),
                         retry_after_ms = retry_after.as_millis() as u64,
                         "Notion rate limited the integration; pausing it."
                     );
-                    self.budget.pause(&self.key, retry_after).await?;
+                    let factor = self.budget.pause(&self.key, retry_after).await?;
+                    metrics
+                        .rate_budget_effective
+                        .with_label_values(&[integration])
+                        .set(self.key.rate * factor);
                 }
                 FailureClass::Transient if transient_failures < self.max_transient_retries => {
                     transient_failures += 1;
                     let backoff = backoff(transient_failures);
                     tracing::warn!(
-                        integration = %self.key.integration,
+                        integration,
                         endpoint = endpoint.template(),
                         %error,
                         attempt = transient_failures,

@@ -301,7 +301,10 @@ async fn hammer(a: HammerArgs) -> anyhow::Result<()> {
     let budget = Budget::new(pool, &a.prefix);
     let key = BudgetKey { integration: a.integration.clone(), rate: a.rate, burst: a.burst };
     let session = NotionSession::new(
-        NotionClient::new(&settings.notion)?,
+        NotionClient::new(
+            &settings.notion,
+            syncfleet_shared::metrics::Metrics::new(syncfleet_shared::metrics::Role::Worker),
+        )?,
         SecretString::from(a.token),
         budget,
         key,
