@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use deadpool_redis::Pool;
 use redis::Script;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 // KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms. 1 if still ours and extended.
 const RENEW: &str = r#"
@@ -107,7 +108,11 @@ pub async fn try_acquire_key(
         return Ok(None);
     }
     let lost = CancellationToken::new();
-    let renewer = tokio::spawn(renew(pool.clone(), key.clone(), token.clone(), lease, lost.clone()));
+    // The renewer logs under the job that holds the lock.
+    let renewer = tokio::spawn(
+        renew(pool.clone(), key.clone(), token.clone(), lease, lost.clone())
+            .instrument(tracing::Span::current()),
+    );
     Ok(Some(LeaseGuard { pool: pool.clone(), key, token, lost, renewer }))
 }
 

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub fence_rejected_writes: IntCounter,
     pub circuit_open: IntGaugeVec,
     pub database_last_success: GaugeVec,
+    pub database_interval: GaugeVec,
     pub scheduler_last_tick: Gauge,
     build_info: IntGaugeVec,
 }
@@ -232,6 +233,14 @@ impl Metrics {
                 &["integration", "database"],
             )
             .unwrap_or_else(|e| unreachable_metric("syncfleet_database_last_success_timestamp_seconds", &e)),
+            database_interval: GaugeVec::new(
+                Opts::new(
+                    "syncfleet_database_sync_interval_seconds",
+                    "How often the database is meant to sync: its incremental interval, else the full reconciliation period.",
+                ),
+                &["integration", "database"],
+            )
+            .unwrap_or_else(|e| unreachable_metric("syncfleet_database_sync_interval_seconds", &e)),
             scheduler_last_tick: Gauge::new(
                 "syncfleet_scheduler_last_tick_timestamp_seconds",
                 "Unix time of the scheduler's last completed pass.",
@@ -262,6 +271,7 @@ impl Metrics {
             Role::Producer => vec![
                 Box::new(self.jobs_published.clone()),
                 Box::new(self.database_last_success.clone()),
+                Box::new(self.database_interval.clone()),
                 Box::new(self.scheduler_last_tick.clone()),
             ],
             Role::Worker => vec![

@@ -157,16 +157,54 @@ impl TestEnv {
 
     /// Starts a `syncfleet-worker` process with this test's settings; output goes to a log file.
     pub fn spawn_worker(&mut self, concurrency: u16) -> anyhow::Result<u32> {
-        let child = self.worker_command(concurrency)?.spawn().context("starting syncfleet-worker")?;
-        let pid = child.id().ok_or_else(|| anyhow!("worker exited at once"))?;
+        self.spawn_worker_with(concurrency, &[], &[])
+    }
+
+    /// Starts a worker with extra arguments and environment (metrics address, `OTEL_*`, ...).
+    pub fn spawn_worker_with(
+        &mut self,
+        concurrency: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<u32> {
+        let mut cmd = self.worker_command(concurrency)?;
+        cmd.args(args).envs(env.iter().copied());
+        self.spawn_child(cmd, "syncfleet-worker")
+    }
+
+    /// Starts `syncfleet-producer serve` (stopped with the workers at cleanup).
+    pub fn spawn_producer(&mut self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<u32> {
+        let mut full = vec!["serve"];
+        full.extend_from_slice(args);
+        let mut cmd = self.producer_command(&full)?;
+        cmd.envs(env.iter().copied());
+        self.spawn_child(cmd, "syncfleet-producer serve")
+    }
+
+    fn spawn_child(&mut self, mut cmd: Command, what: &str) -> anyhow::Result<u32> {
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        let pid = child.id().ok_or_else(|| anyhow!("{what} exited at once"))?;
         self.workers.push(child);
         Ok(pid)
     }
 
     /// The command that starts a worker (for tests that want its output).
     pub fn worker_command(&self, concurrency: u16) -> anyhow::Result<Command> {
-        let mut cmd = Command::new(binary("syncfleet-worker")?);
+        let mut cmd = self.command("syncfleet-worker")?;
         cmd.arg("--concurrency").arg(concurrency.to_string());
+        Ok(cmd)
+    }
+
+    /// A `syncfleet-producer` command with this test's settings; output goes to the test's log.
+    pub fn producer_command(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let mut cmd = self.command("syncfleet-producer")?;
+        cmd.args(args);
+        Ok(cmd)
+    }
+
+    /// One of the workspace's binaries with this test's settings, logging to the test's log.
+    fn command(&self, binary_name: &str) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(binary(binary_name)?);
         cmd.envs(self.env_vars());
         cmd.env("SYNCFLEET_LOG_LEVEL", "info");
         cmd.env_remove("RUST_LOG");
@@ -295,6 +333,32 @@ impl TestEnv {
         crate::fleet::drop_database(&self.name).await;
         let _ = std::fs::remove_file(log_path(&self.name));
     }
+}
+
+/// A TCP port that was free a moment ago (for `--metrics-addr` of child processes).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// GETs `http://127.0.0.1:<port><path>`, retrying while the process starts; (status, body).
+pub async fn http_get(port: u16, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let deadline = Instant::now() + timeout;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    loop {
+        match reqwest::get(&url).await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                return Ok((status, r.text().await?));
+            }
+            Err(e) if Instant::now() > deadline => bail!("GET {url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The value of one exposition line `name{labels} value` (labels exactly as printed), if present.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn log_path(name: &str) -> PathBuf {

@@ -48,6 +48,10 @@ pub async fn handle(
             };
         }
     };
+    let current = tracing::Span::current();
+    current.record("job.id", tracing::field::display(job.id));
+    current.record("database", tracing::field::display(job.data.database_id));
+    current.record("attempt", attempt);
     let span = tracing::info_span!(
         "job.process",
         job.id = %job.id,

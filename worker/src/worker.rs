@@ -228,6 +228,10 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
         messaging.rabbitmq.message.delivery_tag = delivery.delivery_tag,
         messaging.message.body.size = delivery.data.len(),
         job.outcome = tracing::field::Empty,
+        // Recorded once the body parses, so every later log line of the job carries them.
+        job.id = tracing::field::Empty,
+        database = tracing::field::Empty,
+        attempt = tracing::field::Empty,
     );
     syncfleet_shared::telemetry::continue_trace(&span, &amqp::trace_headers(&delivery.properties));
     let outcome = settle(&ctx, &delivery, stop).instrument(span.clone()).await;

@@ -149,6 +149,12 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
             }
         };
         for row in &rows {
+            if let Some(every) = row.interval.or(full_every) {
+                metrics
+                    .database_interval
+                    .with_label_values(&[&row.integration, &row.slug])
+                    .set(every.as_secs_f64());
+            }
             if let Some(at) = row.last_success {
                 metrics
                     .database_last_success

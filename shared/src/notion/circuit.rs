@@ -1,5 +1,6 @@
 //! A circuit breaker per integration, per process: after [`FAILURE_THRESHOLD`] transient
-//! failures in a row (timeouts, connection errors, 5xx) the integration's requests fail fast for
+//! failures in a row (timeouts, connection errors, 5xx; more than one job retries in place) the
+//! integration's requests fail fast for
 //! [`OPEN_FOR`] instead of each job burning its in-place retries against a Notion that is down.
 //! Then one request at a time probes (half-open); a success closes the circuit, a failure opens
 //! it again. Rate limits (429) are not failures here: the budget handles them.
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
 
-pub const FAILURE_THRESHOLD: u32 = 5;
+pub const FAILURE_THRESHOLD: u32 = 10;
 pub const OPEN_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use syncfleet_shared::job::SyncMode;
-use syncfleet_tests::harness::TestEnv;
+use syncfleet_tests::harness::{TestEnv, free_port, http_get, metric_value};
 use syncfleet_tests::sim::SimConfig;
 
 use crate::{LONG, SHORT};
@@ -57,7 +57,9 @@ async fn a_worker_paused_past_its_lease_cannot_overwrite_the_new_holder() {
     let sim = SimConfig { pages: 3000, rate: 10.0, burst: 2, latency_ms: 100, ..SimConfig::default() };
     let mut env = TestEnv::start(sim).await.expect("env");
     let db = env.register("acme", 10.0, 2, 0).await.expect("register");
-    let first = env.spawn_worker(1).expect("worker A");
+    let port = free_port().expect("port");
+    let first =
+        env.spawn_worker_with(1, &["--metrics-addr", &format!("127.0.0.1:{port}")], &[]).expect("worker A");
     let stale = env.enqueue("acme", db, SyncMode::Full).await.expect("enqueue");
     env.wait_run_until(stale, SHORT, |r| r.pages_seen >= 500).await.expect("A makes progress");
     env.signal_worker(first, Signal::SIGSTOP).expect("SIGSTOP");
@@ -74,6 +76,11 @@ async fn a_worker_paused_past_its_lease_cannot_overwrite_the_new_holder() {
     let a = env.wait_run(stale, LONG).await.expect("A stands down");
     assert_eq!(a.status, "failed", "{a:?}");
     assert!(matches!(a.error_kind.as_deref(), Some("fence_rejected" | "lease_lost")), "{a:?}");
+    // A was stopped mid-request or mid-wait: the response it then read was written with its
+    // stale fence, and PostgreSQL refused it.
+    let (_, metrics) = http_get(port, "/metrics", SHORT).await.expect("A's metrics");
+    let rejected = metric_value(&metrics, "syncfleet_fence_rejected_writes_total").unwrap_or_default();
+    assert!(rejected >= 1.0, "A's stale write was counted: {rejected}");
     // Let any coalesced pass settle, then PostgreSQL must equal Notion.
     settle(&env, LONG).await;
     let report = env.verify(db).await.expect("verify");

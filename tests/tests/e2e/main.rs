@@ -5,6 +5,7 @@ mod budget;
 mod failures;
 mod full_sync;
 mod locks;
+mod observability;
 mod poison;
 mod publish;
 mod shutdown;
