@@ -28,8 +28,36 @@ pub struct FleetOptions {
     pub rate: f64,
     pub burst: u32,
     pub latency_ms: u64,
+    /// Integrations (simulator tokens), each with its own rate; database `i` belongs to
+    /// integration `i % integrations`.
+    pub integrations: u64,
     /// Print each command before running it.
     pub narrate: bool,
+}
+
+impl FleetOptions {
+    pub fn new(name: &str, pages: u64, rate: f64) -> Self {
+        Self {
+            name: name.into(),
+            pages,
+            databases: 1,
+            rate,
+            burst: 3,
+            latency_ms: 0,
+            integrations: 1,
+            narrate: false,
+        }
+    }
+
+    /// The token of integration `i` (the first is [`TOKEN`]).
+    pub fn token(&self, i: u64) -> String {
+        if i == 0 { TOKEN.to_string() } else { format!("{TOKEN}_{i}") }
+    }
+
+    /// The slug of integration `i`.
+    pub fn integration(&self, i: u64) -> String {
+        if i == 0 { "demo".to_string() } else { format!("demo-{i}") }
+    }
 }
 
 pub struct Fleet {
@@ -45,7 +73,8 @@ impl Fleet {
     /// Starts notion-sim on a free port and prepares a fresh, migrated database.
     pub async fn start(options: FleetOptions) -> anyhow::Result<Fleet> {
         let mut sim = Command::new(binary("notion-sim")?)
-            .args(["--addr", "127.0.0.1:0", "--token", TOKEN])
+            .args(["--addr", "127.0.0.1:0"])
+            .args((0..options.integrations.max(1)).flat_map(|i| ["--token".to_string(), options.token(i)]))
             .args(["--pages", &options.pages.to_string(), "--databases", &options.databases.to_string()])
             .args(["--rate", &options.rate.to_string(), "--burst", &options.burst.to_string()])
             .args(["--latency-ms", &options.latency_ms.to_string()])
@@ -157,18 +186,23 @@ impl Fleet {
         let rate = if self.options.rate > 0.0 { self.options.rate } else { 1000.0 };
         let burst = self.options.burst.to_string();
         let rate = rate.to_string();
-        self.producer(
-            &["integration", "add", "--slug", "demo", "--rate", &rate, "--burst", &burst],
-            &[("NOTION_TOKEN", TOKEN)],
-            false,
-        )
-        .await?;
+        let integrations = self.options.integrations.max(1);
+        for i in 0..integrations {
+            let (slug, token) = (self.options.integration(i), self.options.token(i));
+            self.producer(
+                &["integration", "add", "--slug", &slug, "--rate", &rate, "--burst", &burst],
+                &[("NOTION_TOKEN", &token)],
+                false,
+            )
+            .await?;
+        }
         let info: serde_json::Value =
             reqwest::get(format!("{}/_sim/info", self.sim_url)).await?.json().await?;
         let mut ids = Vec::new();
-        for db in info["databases"].as_array().cloned().unwrap_or_default() {
+        for (i, db) in info["databases"].as_array().cloned().unwrap_or_default().iter().enumerate() {
             let id = db["id"].as_str().unwrap_or_default().to_string();
-            self.producer(&["database", "add", "--integration", "demo", "--id", &id], &[], false).await?;
+            let slug = self.options.integration(i as u64 % integrations);
+            self.producer(&["database", "add", "--integration", &slug, "--id", &id], &[], false).await?;
             ids.push(uuid::Uuid::parse_str(&id)?);
         }
         Ok(ids)

@@ -1,5 +1,6 @@
 //! Test support for syncfleet: `notion-sim` (a Notion API double) and the end-to-end harness.
 
+pub mod bench;
 pub mod fleet;
 pub mod harness;
 pub mod sim;

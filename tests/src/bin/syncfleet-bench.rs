@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use serde_json::json;
+use syncfleet_tests::bench::{self, BudgetScenario};
 use syncfleet_tests::fleet::{Fleet, FleetOptions, peak_rss_bytes};
 use uuid::Uuid;
 
@@ -56,7 +57,8 @@ enum Cmd {
     },
     /// Run benchmark scenarios; each prints one JSON line.
     Run {
-        /// unthrottled, demo, or all
+        /// unthrottled, demo, budget-utilization, full-10k, multi-integration, budget-acquire,
+        /// latency, or all
         #[arg(default_value = "all")]
         scenario: String,
         /// Pages for `unthrottled`.
@@ -147,15 +149,7 @@ async fn demo(pages: u64, rate: f64, workers: usize) -> anyhow::Result<DemoFigur
     if rate <= 0.0 {
         bail!("DEMO_RATE must be positive");
     }
-    let options = FleetOptions {
-        name: "syncfleet_demo".into(),
-        pages,
-        databases: 1,
-        rate,
-        burst: 3,
-        latency_ms: 0,
-        narrate: true,
-    };
+    let options = FleetOptions { narrate: true, ..FleetOptions::new("syncfleet_demo", pages, rate) };
     eprintln!("Starting notion-sim with {pages} pages at {rate} requests/s…");
     let mut fleet = Fleet::start(options).await?;
     let outcome = demo_steps(&mut fleet, pages, rate, workers).await;
@@ -222,8 +216,27 @@ async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
         println!("{line}");
         ran = true;
     }
+    let budget_scenarios = [
+        BudgetScenario::utilization(),
+        BudgetScenario::full_10k(),
+        BudgetScenario::multi_integration(),
+        BudgetScenario::latency(),
+    ];
+    for s in budget_scenarios {
+        if all || scenario == s.name {
+            println!("{}", bench::run_budget(&s).await?);
+            ran = true;
+        }
+    }
+    if all || scenario == "budget-acquire" {
+        let redis = std::env::var("SYNCFLEET_REDIS__URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        println!("{}", bench::budget_acquire(&redis, 20_000).await?);
+        ran = true;
+    }
     if !ran {
-        bail!("unknown scenario {scenario} (unthrottled, demo, all)");
+        bail!(
+            "unknown scenario {scenario} (unthrottled, demo, budget-utilization, full-10k, multi-integration, budget-acquire, latency, all)"
+        );
     }
     Ok(())
 }
@@ -234,15 +247,7 @@ fn round(x: f64) -> f64 {
 
 /// `unthrottled`: one worker process, the simulator's limit off; pages/s end to end and peak RSS.
 async fn unthrottled(pages: u64) -> anyhow::Result<()> {
-    let options = FleetOptions {
-        name: "syncfleet_bench_unthrottled".into(),
-        pages,
-        databases: 1,
-        rate: 0.0,
-        burst: 100,
-        latency_ms: 0,
-        narrate: false,
-    };
+    let options = FleetOptions { burst: 100, ..FleetOptions::new("syncfleet_bench_unthrottled", pages, 0.0) };
     eprintln!("unthrottled: generating {pages} pages…");
     let mut fleet = Fleet::start(options).await?;
     let result = async {

@@ -1,0 +1,268 @@
+//! The rate-budget benchmarks of `script/bench` (`syncfleet-bench run <scenario>`): real worker
+//! processes, notion-sim with the same rate and burst as the fleet, and utilisation measured at
+//! the simulator from its request log — never from the clients' own counts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::fleet::{Fleet, FleetOptions};
+
+/// One multi-database run of the fleet.
+#[derive(Debug, Clone)]
+pub struct BudgetScenario {
+    pub name: &'static str,
+    pub integrations: u64,
+    pub databases: u64,
+    pub pages: u64,
+    pub rate: f64,
+    pub burst: u32,
+    pub workers: usize,
+    pub concurrency: u16,
+    pub latency_ms: u64,
+}
+
+impl BudgetScenario {
+    /// `budget-utilization`: 1 integration at 3/s, 8 databases × 3,000 pages, 4 workers × 4.
+    pub fn utilization() -> Self {
+        Self {
+            name: "budget-utilization",
+            integrations: 1,
+            databases: 8,
+            pages: 3000,
+            rate: 3.0,
+            burst: 3,
+            workers: 4,
+            concurrency: 4,
+            latency_ms: 0,
+        }
+    }
+
+    /// `latency`: the same with every simulator answer 400 ms late.
+    pub fn latency() -> Self {
+        Self { name: "latency", latency_ms: 400, ..Self::utilization() }
+    }
+
+    /// `multi-integration`: 10 integrations × 3/s, one database each, 4 workers × 4.
+    pub fn multi_integration() -> Self {
+        Self { name: "multi-integration", integrations: 10, databases: 10, ..Self::utilization() }
+    }
+
+    /// `full-10k`: one database of 10,000 pages at 3/s, one worker.
+    pub fn full_10k() -> Self {
+        Self { name: "full-10k", databases: 1, pages: 10_000, workers: 1, ..Self::utilization() }
+    }
+}
+
+/// Admitted query requests per simulator token: (count, first ms, last ms).
+fn per_token(entries: &[Value]) -> std::collections::BTreeMap<u64, (u64, f64, f64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in entries {
+        let is_query = e["endpoint"].as_str().is_some_and(|s| s.contains("query"));
+        let (Some(token), Some(t)) = (e["token"].as_u64(), e["t_ms"].as_f64()) else { continue };
+        if !is_query || e["status"] != 200 {
+            continue;
+        }
+        let slot = out.entry(token).or_insert((0u64, f64::MAX, 0f64));
+        slot.0 += 1;
+        slot.1 = slot.1.min(t);
+        slot.2 = slot.2.max(t);
+    }
+    out
+}
+
+/// Runs the scenario and returns its JSON line.
+///
+/// `utilization` per integration = (admitted query requests − burst) ÷ (last − first arrival)
+/// ÷ rate: the share of what a GCRA of that rate admits after its initial burst, so 1.0 is the
+/// physical ceiling. The reported figure is the mean over integrations (their sum over the
+/// summed rate for `multi-integration`), and the minimum is given too.
+pub async fn run_budget(s: &BudgetScenario) -> anyhow::Result<Value> {
+    let name = format!("syncfleet_bench_{}", s.name.replace('-', "_"));
+    let options = FleetOptions {
+        databases: s.databases,
+        burst: s.burst,
+        latency_ms: s.latency_ms,
+        integrations: s.integrations,
+        ..FleetOptions::new(&name, s.pages, s.rate)
+    };
+    eprintln!(
+        "{}: {} database(s) × {} pages, {} integration(s) at {}/s…",
+        s.name, s.databases, s.pages, s.integrations, s.rate
+    );
+    let mut fleet = Fleet::start(options).await?;
+    let result = measure(&mut fleet, s).await;
+    fleet.stop().await;
+    crate::fleet::drop_database(&name).await;
+    result
+}
+
+async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value> {
+    let ids = fleet.register().await?;
+    fleet.spawn_workers(s.workers, s.concurrency)?;
+    // Let the workers connect so the jobs start together.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let since = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default();
+    for id in &ids {
+        let id = id.to_string();
+        fleet.producer(&["enqueue", "--database", &id, "--mode", "full"], &[], false).await?;
+    }
+    let db = fleet.db().await?;
+    let expected_requests = (s.pages as f64 / 100.0).ceil() as u64;
+    let budget_secs = (expected_requests * s.databases) as f64 / (s.rate * s.integrations as f64);
+    let runs = wait_all(&db, &ids, Duration::from_secs_f64(budget_secs * 3.0 + 120.0)).await?;
+    let stats = fleet.sim_stats().await?;
+    let log: Value = reqwest::get(format!("{}/_sim/requests", fleet.sim_url)).await?.json().await?;
+    let entries = log["entries"].as_array().cloned().unwrap_or_default();
+    let tokens = per_token(&entries);
+    let mut utilizations = Vec::new();
+    let (mut admitted, mut first, mut last) = (0u64, f64::MAX, 0f64);
+    for (n, t0, t1) in tokens.values() {
+        let window = (t1 - t0) / 1000.0;
+        if *n > u64::from(s.burst) && window > 0.0 {
+            utilizations.push((*n - u64::from(s.burst)) as f64 / window / s.rate);
+        }
+        admitted += n;
+        first = first.min(*t0);
+        last = last.max(*t1);
+    }
+    if utilizations.len() as u64 != s.integrations {
+        bail!(
+            "{}: expected query traffic from {} integrations, saw {}",
+            s.name,
+            s.integrations,
+            utilizations.len()
+        );
+    }
+    let aggregate = (admitted - u64::from(s.burst) * s.integrations) as f64
+        / ((last - first) / 1000.0)
+        / (s.rate * s.integrations as f64);
+    let min = utilizations.iter().cloned().fold(f64::MAX, f64::min);
+    let failed: Vec<&str> = runs.iter().filter(|r| r.0 != "succeeded").map(|r| r.0.as_str()).collect();
+    if !failed.is_empty() {
+        bail!("{}: runs ended {failed:?}", s.name);
+    }
+    let pages: i64 = runs.iter().map(|r| r.1).sum();
+    let elapsed = runs.iter().map(|r| r.2).fold(0.0, f64::max);
+    let mut line = json!({
+        "scenario": s.name,
+        "utilization": round(aggregate),
+        "utilization_min": round(min),
+        "rate_limited": stats["rate_limited_total"],
+        "query_requests": admitted,
+        "requests_total": stats["requests_total"].as_u64().unwrap_or_default() - since,
+        "pages": pages,
+        "elapsed_s": round(elapsed),
+        "integrations": s.integrations,
+        "databases": s.databases,
+        "pages_per_database": s.pages,
+        "rate": s.rate,
+        "burst": s.burst,
+        "workers": s.workers,
+        "concurrency": s.concurrency,
+        "latency_ms": s.latency_ms,
+        "date": chrono::Utc::now().to_rfc3339(),
+    });
+    if s.databases == 1 {
+        let minimum = expected_requests as f64 / s.rate;
+        line["minimum_s"] = json!(round(minimum));
+        line["ratio"] = json!(round(elapsed / minimum));
+    }
+    Ok(line)
+}
+
+/// (status, pages, seconds from enqueue to finish) of each database's latest run, once final.
+async fn wait_all(
+    db: &DatabaseConnection,
+    ids: &[Uuid],
+    timeout: Duration,
+) -> anyhow::Result<Vec<(String, i64, f64)>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut done = Vec::new();
+        for id in ids {
+            let row = db
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT status, pages_seen, EXTRACT(EPOCH FROM (finished_at - enqueued_at))::float8 AS elapsed \
+                     FROM sync_runs WHERE database_id = $1 ORDER BY enqueued_at DESC LIMIT 1",
+                    [(*id).into()],
+                ))
+                .await?;
+            if let Some(row) = row {
+                let status: String = row.try_get("", "status")?;
+                if syncfleet_shared::db::entities::sync_run::status::is_final(&status) {
+                    let elapsed: Option<f64> = row.try_get("", "elapsed")?;
+                    done.push((status, row.try_get("", "pages_seen")?, elapsed.unwrap_or_default()));
+                }
+            }
+        }
+        if done.len() == ids.len() {
+            return Ok(done);
+        }
+        if Instant::now() > deadline {
+            bail!("{} of {} runs finished within {timeout:?}", done.len(), ids.len());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `budget-acquire`: latency of uncontended `acquire` calls and the Redis commands each costs,
+/// counted by the Redis server (`INFO stats`), plus the pause check a Notion request adds.
+pub async fn budget_acquire(redis_url: &str, iterations: usize) -> anyhow::Result<Value> {
+    use secrecy::SecretString;
+    use syncfleet_shared::budget::{Budget, BudgetKey};
+    let settings = syncfleet_shared::config::RedisSettings {
+        url: SecretString::from(redis_url.to_string()),
+        ..Default::default()
+    };
+    let prefix = format!("syncfleet_bench_acquire_{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let pool = syncfleet_shared::redis_pool::connect(&settings).await?;
+    let budget = Budget::new(pool.clone(), &prefix);
+    // Far above what the loop can reach, so no call ever waits: this measures the mechanism.
+    let key = BudgetKey { integration: "bench".into(), rate: 1_000_000.0, burst: 1000 };
+    for _ in 0..200 {
+        budget.acquire(&key).await?;
+    }
+    let mut conn = pool.get().await.context("redis")?;
+    let commands_before = total_commands(&mut conn).await?;
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        budget.acquire(&key).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let commands = total_commands(&mut conn).await? - commands_before - 1;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:{{bench}}:gcra"))
+        .arg(format!("{prefix}:{{bench}}:rate"))
+        .query_async(&mut conn)
+        .await?;
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+    Ok(json!({
+        "scenario": "budget-acquire",
+        "iterations": iterations,
+        "p50_us": round(pct(0.50)),
+        "p99_us": round(pct(0.99)),
+        "max_us": round(pct(1.0)),
+        "redis_round_trips_per_request": round(commands as f64 / iterations as f64),
+        "redis": "127.0.0.1 loopback",
+        "date": chrono::Utc::now().to_rfc3339(),
+    }))
+}
+
+async fn total_commands(conn: &mut deadpool_redis::Connection) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO stats has no total_commands_processed")
+}
+
+pub fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
