@@ -37,12 +37,26 @@ local function factor(key, now)
 end
 "#;
 
-// KEYS[1] gcra key, KEYS[2] factor key; ARGV[1] interval µs, ARGV[2] tolerance µs,
-// ARGV[3] horizon µs, ARGV[4] recovery per second. Returns {wait_us, reserved, repaired,
-// effective-rate factor ×1000}.
+// KEYS[1] gcra key, KEYS[2] factor key, KEYS[3] circuit key; ARGV[1] interval µs, ARGV[2]
+// tolerance µs, ARGV[3] horizon µs, ARGV[4] recovery per second. Returns {wait_us, reserved,
+// repaired, effective-rate factor ×1000, circuit}: circuit 0 = closed and clean, 1 = outcomes
+// must be reported (failures counted, or half-open), 2 = open (wait_us = time left, nothing
+// reserved).
 const ACQUIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cok, c = pcall(redis.call, 'HMGET', KEYS[3], 'failures', 'open_until')
+if not cok then
+  redis.call('DEL', KEYS[3])
+  c = {false, false}
+end
+local failures = tonumber(c[1]) or 0
+local open_until = tonumber(c[2]) or 0
+if open_until > now then
+  return {open_until - now, 0, 0, 1000, 2}
+end
+local circuit = 0
+if failures > 0 or open_until > 0 then circuit = 1 end
 local interval = math.floor(tonumber(ARGV[1]) / factor(KEYS[2], now))
 local tolerance = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
@@ -60,11 +74,58 @@ local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
 local permille = math.floor(tonumber(ARGV[1]) / interval * 1000)
 if wait > horizon then
-  return {wait - horizon, 0, repaired, permille}
+  return {wait - horizon, 0, repaired, permille, circuit}
 end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 60000)
-return {wait, 1, repaired, permille}
+return {wait, 1, repaired, permille, circuit}
+"#;
+
+// KEYS[1] circuit key; ARGV[1] 1 = success, 0 = failure, ARGV[2] failure threshold, ARGV[3]
+// open µs, ARGV[4] successes that close a half-open circuit. Returns {state, changed}: state
+// 0 closed, 1 half-open, 2 open; changed 1 when this outcome moved it.
+const RECORD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ok, c = pcall(redis.call, 'HMGET', KEYS[1], 'failures', 'open_until', 'successes')
+if not ok then
+  redis.call('DEL', KEYS[1])
+  c = {false, false, false}
+end
+local failures = tonumber(c[1]) or 0
+local open_until = tonumber(c[2]) or 0
+local successes = tonumber(c[3]) or 0
+local half_open = open_until > 0 and open_until <= now
+local function open()
+  redis.call('HSET', KEYS[1], 'failures', failures + 1, 'open_until', now + tonumber(ARGV[3]), 'successes', 0)
+  redis.call('PEXPIRE', KEYS[1], 3600000)
+end
+if ARGV[1] == '1' then
+  if half_open then
+    successes = successes + 1
+    if successes >= tonumber(ARGV[4]) then
+      redis.call('DEL', KEYS[1])
+      return {0, 1}
+    end
+    redis.call('HSET', KEYS[1], 'successes', successes)
+    return {1, 0}
+  end
+  if open_until > now then return {2, 0} end
+  redis.call('DEL', KEYS[1])
+  return {0, 0}
+end
+if half_open then
+  open()
+  return {2, 1}
+end
+if open_until > now then return {2, 0} end
+if failures + 1 >= tonumber(ARGV[2]) then
+  open()
+  return {2, 1}
+end
+redis.call('HSET', KEYS[1], 'failures', failures + 1)
+redis.call('PEXPIRE', KEYS[1], 3600000)
+return {0, 0}
 "#;
 
 // KEYS[1] gcra key, KEYS[2] pause key, KEYS[3] factor key; ARGV[1] pause µs, ARGV[2] tolerance
@@ -97,11 +158,30 @@ pub const RECOVERY_PER_SEC: f64 = 0.02;
 #[error("the rate budget in Redis is unavailable: {0}")]
 pub struct BudgetError(pub String);
 
-/// One slot request's answer, with the share of the configured rate in force (slow start).
+/// One slot request's answer, with the share of the configured rate in force (slow start)
+/// and whether the request's outcome must be reported to the circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Answer {
     pub grant: Grant,
     pub factor: f64,
+    pub report_outcome: bool,
+}
+
+/// What `acquire` hands back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Admission {
+    /// Send now. `report_outcome`: call [`RedisBudget::record_outcome`] after the request.
+    Granted { factor: f64, report_outcome: bool },
+    /// The integration's circuit is open for this long: fail fast.
+    CircuitOpen(Duration),
+}
+
+/// The circuit after an outcome was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed,
+    HalfOpen,
+    Open,
 }
 
 /// Whether a slot was reserved.
@@ -111,6 +191,8 @@ pub enum Grant {
     Reserved(Duration),
     /// Beyond the horizon: nothing reserved; ask again after this long.
     RetryAfter(Duration),
+    /// The circuit is open for this long; nothing reserved.
+    CircuitOpen(Duration),
 }
 
 /// The shared budget. Cheap to clone.
@@ -121,6 +203,8 @@ pub struct RedisBudget {
     horizon: Duration,
     acquire: std::sync::Arc<Script>,
     pause: std::sync::Arc<Script>,
+    record: std::sync::Arc<Script>,
+    circuit: crate::config::CircuitSettings,
 }
 
 impl std::fmt::Debug for RedisBudget {
@@ -137,7 +221,46 @@ impl RedisBudget {
             horizon: DEFAULT_HORIZON,
             acquire: std::sync::Arc::new(Script::new(&format!("{FACTOR}{ACQUIRE}"))),
             pause: std::sync::Arc::new(Script::new(&format!("{FACTOR}{PAUSE}"))),
+            record: std::sync::Arc::new(Script::new(RECORD)),
+            circuit: crate::config::CircuitSettings::default(),
         }
+    }
+
+    /// Uses `circuit` instead of the default breaker settings.
+    pub fn with_circuit(mut self, circuit: crate::config::CircuitSettings) -> Self {
+        self.circuit = circuit;
+        self
+    }
+
+    /// `<prefix>:{<integration>}:circuit` — the fleet-wide circuit breaker (a hash).
+    pub fn circuit_key(&self, integration: &str) -> String {
+        format!("{}:{{{}}}:circuit", self.prefix, integration)
+    }
+
+    /// Records a request's outcome with the fleet-wide breaker. Only needed when the admission
+    /// asked for it or the request failed, so a healthy integration costs no extra round trip.
+    pub async fn record_outcome(
+        &self,
+        key: &BudgetKey,
+        success: bool,
+    ) -> Result<(CircuitState, bool), BudgetError> {
+        let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
+        let (state, changed): (i64, i64) = self
+            .record
+            .key(self.circuit_key(&key.integration))
+            .arg(if success { 1 } else { 0 })
+            .arg(self.circuit.failure_threshold.max(1))
+            .arg(self.circuit.open_secs.max(1).saturating_mul(1_000_000))
+            .arg(self.circuit.close_after_successes.max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| BudgetError(e.to_string()))?;
+        let state = match state {
+            2 => CircuitState::Open,
+            1 => CircuitState::HalfOpen,
+            _ => CircuitState::Closed,
+        };
+        Ok((state, changed == 1))
     }
 
     /// `<prefix>:{<integration>}:gcra` — the hash tag keeps it on one Redis Cluster slot.
@@ -159,10 +282,11 @@ impl RedisBudget {
     pub async fn try_acquire(&self, key: &BudgetKey) -> Result<Answer, BudgetError> {
         let mut conn = self.pool.get().await.map_err(|e| BudgetError(e.to_string()))?;
         let name = self.key(&key.integration);
-        let (wait, reserved, repaired, permille): (i64, i64, i64, i64) = self
+        let (wait, reserved, repaired, permille, circuit): (i64, i64, i64, i64, i64) = self
             .acquire
             .key(&name)
             .key(self.factor_key(&key.integration))
+            .key(self.circuit_key(&key.integration))
             .arg(key.interval().as_micros() as i64)
             .arg(key.tolerance().saturating_sub(SAFETY_MARGIN).as_micros() as i64)
             .arg(self.horizon.as_micros() as i64)
@@ -174,17 +298,22 @@ impl RedisBudget {
             tracing::warn!(key = %name, "The rate budget key held an invalid value or type; it was reset.");
         }
         let wait = Duration::from_micros(wait.max(0) as u64);
-        let grant = if reserved == 1 { Grant::Reserved(wait) } else { Grant::RetryAfter(wait) };
-        Ok(Answer { grant, factor: permille as f64 / 1000.0 })
+        let grant = match (reserved, circuit) {
+            (_, 2) => Grant::CircuitOpen(wait),
+            (1, _) => Grant::Reserved(wait),
+            _ => Grant::RetryAfter(wait),
+        };
+        Ok(Answer { grant, factor: permille as f64 / 1000.0, report_outcome: circuit == 1 })
     }
 
     /// Waits for this caller's turn: reserves a slot, sleeps until it, and checks that no
     /// fleet-wide pause began meanwhile (then it waits the pause out and reserves again).
-    /// Two Redis round trips per request. Returns the effective-rate factor in force.
-    pub async fn acquire(&self, key: &BudgetKey) -> Result<f64, BudgetError> {
+    /// Two Redis round trips per request. Fails fast while the integration's circuit is open.
+    pub async fn acquire(&self, key: &BudgetKey) -> Result<Admission, BudgetError> {
         loop {
             let answer = self.try_acquire(key).await?;
             match answer.grant {
+                Grant::CircuitOpen(left) => return Ok(Admission::CircuitOpen(left)),
                 Grant::RetryAfter(wait) => {
                     tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
                     continue;
@@ -197,7 +326,10 @@ impl RedisBudget {
             }
             let remaining = self.paused_for(key).await?;
             if remaining.is_zero() {
-                return Ok(answer.factor);
+                return Ok(Admission::Granted {
+                    factor: answer.factor,
+                    report_outcome: answer.report_outcome,
+                });
             }
             tokio::time::sleep(remaining).await;
         }

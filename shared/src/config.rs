@@ -136,6 +136,24 @@ pub struct NotionSettings {
     pub max_transient_retries: u32,
     /// Longest total time one request may spend waiting on `Retry-After`s before giving up.
     pub max_rate_wait_secs: u64,
+    /// The fleet-wide circuit breaker per integration (state in Redis).
+    pub circuit: CircuitSettings,
+}
+
+/// Consecutive failures open the circuit; after `open_secs` it is half-open, and
+/// `close_after_successes` successes close it (a failure reopens it).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+pub struct CircuitSettings {
+    pub failure_threshold: u32,
+    pub open_secs: u64,
+    pub close_after_successes: u32,
+}
+
+impl Default for CircuitSettings {
+    fn default() -> Self {
+        Self { failure_threshold: 5, open_secs: 60, close_after_successes: 3 }
+    }
 }
 
 impl Default for NotionSettings {
@@ -146,6 +164,7 @@ impl Default for NotionSettings {
             timeout_secs: 30,
             max_transient_retries: 4,
             max_rate_wait_secs: 900,
+            circuit: CircuitSettings::default(),
         }
     }
 }

@@ -57,6 +57,7 @@ impl TestEnv {
         settings.encryption_key = Some(TokenCipher::generate_key());
         settings.worker.shutdown_grace_secs = 15;
         settings.worker.lease_secs = 3;
+        settings.notion.circuit.open_secs = 1;
         syncfleet_shared::db::migrate(&settings.database).await.context("migrating the test database")?;
         let db = syncfleet_shared::db::connect(&settings.database).await?;
         Ok(Self { name, settings, db, sim, token, workers: Vec::new() })
@@ -90,6 +91,7 @@ impl TestEnv {
             ),
             ("SYNCFLEET_WORKER__SHUTDOWN_GRACE_SECS".into(), s.worker.shutdown_grace_secs.to_string()),
             ("SYNCFLEET_WORKER__LEASE_SECS".into(), s.worker.lease_secs.to_string()),
+            ("SYNCFLEET_NOTION__CIRCUIT__OPEN_SECS".into(), s.notion.circuit.open_secs.to_string()),
         ]
     }
 

@@ -105,7 +105,8 @@ impl Worker {
         topology.declare(&channel).await?;
         let publisher = Publisher::new(&connection, &settings.amqp).await?;
         let notion = NotionClient::new(&settings.notion, metrics.clone())?;
-        let budget = Budget::new(redis.clone(), &settings.redis.key_prefix);
+        let budget =
+            Budget::new(redis.clone(), &settings.redis.key_prefix).with_circuit(settings.notion.circuit);
         match syncfleet_shared::db::entities::integration::Entity::find().all(&db).await {
             Ok(integrations) => {
                 for i in integrations {

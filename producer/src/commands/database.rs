@@ -33,7 +33,7 @@ pub async fn add(
     };
     // Schema reads spend the same fleet-wide budget as the workers' syncs.
     let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
-    let budget = Budget::new(redis, &settings.redis.key_prefix);
+    let budget = Budget::new(redis, &settings.redis.key_prefix).with_circuit(settings.notion.circuit);
     let session = NotionSession::new(
         NotionClient::new(&settings.notion, Metrics::new(Role::Producer))?,
         token,

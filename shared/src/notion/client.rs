@@ -9,7 +9,6 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::circuit::Breakers;
 use super::error::NotionError;
 use crate::config::NotionSettings;
 use crate::metrics::Metrics;
@@ -69,14 +68,13 @@ pub struct Response<T> {
 }
 
 /// A thin, cloneable client. It holds no token: each call is given the integration's token.
-/// The process's metrics and per-integration circuit breakers travel with it.
+/// The process's metrics travel with it.
 #[derive(Debug, Clone)]
 pub struct NotionClient {
     http: reqwest::Client,
     base_url: String,
     version: String,
     metrics: Arc<Metrics>,
-    breakers: Breakers,
 }
 
 #[derive(serde::Deserialize)]
@@ -104,7 +102,6 @@ impl NotionClient {
             http,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
             version: settings.version.clone(),
-            breakers: Breakers::new(metrics.clone()),
             metrics,
         })
     }
@@ -121,10 +118,6 @@ impl NotionClient {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
-    }
-
-    pub fn breakers(&self) -> &Breakers {
-        &self.breakers
     }
 
     /// Sends one request. `path` is the concrete path for `endpoint` (ids filled in).

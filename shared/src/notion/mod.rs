@@ -2,13 +2,11 @@
 //!
 //! The same code talks to `https://api.notion.com` and to `notion-sim`; only the base URL differs.
 
-mod circuit;
 mod client;
 mod error;
 mod session;
 pub mod types;
 
-pub use circuit::Breakers;
 pub use client::{Endpoint, NotionClient, Response};
 pub use error::{FailureClass, NotionError};
 pub use session::{NotionSession, RequestStats};

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use super::client::{Endpoint, NotionClient, Response};
 use super::error::{FailureClass, NotionError};
 use crate::budget::{Budget, BudgetKey};
+use crate::budget_redis::{Admission, CircuitState};
 
 /// Requests sent and 429/529s received, for `sync_runs` counters.
 #[derive(Debug, Default)]
@@ -95,15 +96,19 @@ impl NotionSession {
         let mut transient_failures = 0u32;
         let mut rate_waited = Duration::ZERO;
         loop {
-            if let Err(remaining) = self.client.breakers().check(integration) {
-                return Err(NotionError::CircuitOpen(remaining));
-            }
             let waiting = Instant::now();
-            let factor = self
+            let admission = self
                 .budget
                 .acquire(&self.key)
                 .instrument(tracing::info_span!("budget.acquire", integration))
                 .await?;
+            let (factor, report_outcome) = match admission {
+                Admission::Granted { factor, report_outcome } => (factor, report_outcome),
+                Admission::CircuitOpen(remaining) => {
+                    metrics.circuit_open.with_label_values(&[integration]).set(1);
+                    return Err(NotionError::CircuitOpen(remaining));
+                }
+            };
             metrics.rate_budget_wait.observe(waiting.elapsed().as_secs_f64());
             metrics.rate_budget_effective.with_label_values(&[integration]).set(self.key.rate * factor);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -130,7 +135,9 @@ impl NotionSession {
             }
             let error = match result {
                 Ok(response) => {
-                    self.client.breakers().record_success(integration);
+                    if report_outcome {
+                        self.record_outcome(true).await;
+                    }
                     return Ok(response);
                 }
                 Err(error) => error,
@@ -138,7 +145,7 @@ impl NotionSession {
             span.record("error.type", error.kind());
             span.record("otel.status_code", "ERROR");
             if error.trips_circuit() {
-                self.client.breakers().record_failure(integration);
+                self.record_outcome(false).await;
             }
             match error.class() {
                 FailureClass::Rate => {
@@ -178,6 +185,31 @@ impl NotionSession {
                 }
                 _ => return Err(error),
             }
+        }
+    }
+}
+
+impl NotionSession {
+    /// Tells the fleet-wide circuit breaker how a request went; logs and exports transitions.
+    /// A breaker that cannot be reached is logged, never fatal: the budget call fails anyway.
+    async fn record_outcome(&self, success: bool) {
+        let integration = self.key.integration.as_str();
+        match self.budget.record_outcome(&self.key, success).await {
+            Ok((state, changed)) => {
+                let gauge = self.client.metrics().circuit_open.with_label_values(&[integration]);
+                gauge.set(i64::from(state == CircuitState::Open));
+                match (state, changed) {
+                    (CircuitState::Open, true) => tracing::warn!(
+                        integration,
+                        "Notion keeps failing for this integration; the circuit is open fleet-wide."
+                    ),
+                    (CircuitState::Closed, true) => {
+                        tracing::info!(integration, "Notion answers again; the circuit is closed.")
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) => tracing::warn!(integration, error = %e, "Could not update the circuit breaker."),
         }
     }
 }
