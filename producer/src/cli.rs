@@ -89,6 +89,33 @@ pub enum DatabaseCommand {
         #[arg(long)]
         interval_secs: Option<u32>,
     },
+    /// Set how one property appears in the database's typed view, and how its values are
+    /// validated. The next sync regenerates the view. Without options it prints the mapping.
+    Map(MapArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MapArgs {
+    #[arg(long)]
+    pub database: Uuid,
+    /// The property's Notion id or current name.
+    #[arg(long)]
+    pub property: Option<String>,
+    /// The view column's name.
+    #[arg(long)]
+    pub column: Option<String>,
+    /// Leave the property out of the view.
+    #[arg(long)]
+    pub skip: bool,
+    /// enum_text (select/status), integer (number) or date_only (date).
+    #[arg(long, value_parser = ["enum_text", "integer", "date_only"])]
+    pub transform: Option<String>,
+    /// Pages with an empty value go to sync_page_errors instead of the table.
+    #[arg(long)]
+    pub required: bool,
+    /// Remove the property's rule.
+    #[arg(long)]
+    pub clear: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +166,7 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
         Command::Database(DatabaseCommand::Add { integration, id, data_source, interval_secs }) => {
             commands::database::add(&settings, &integration, id, data_source, interval_secs).await
         }
+        Command::Database(DatabaseCommand::Map(args)) => commands::database::map(&settings, &args).await,
         Command::Enqueue(args) => commands::enqueue::run(&settings, &args).await,
         Command::Serve { metrics_addr } => {
             if metrics_addr.is_some() {

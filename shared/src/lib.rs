@@ -11,6 +11,7 @@ pub mod db;
 pub mod hashing;
 pub mod job;
 pub mod lock;
+pub mod mapping;
 pub mod metrics;
 pub mod notion;
 pub mod ops;

@@ -46,9 +46,15 @@ impl BudgetScenario {
         Self { name: "latency", latency_ms: 400, ..Self::utilization() }
     }
 
-    /// `multi-integration`: 10 integrations × 3/s, one database each, 4 workers × 4.
+    /// `multi-integration`: 10 integrations × 3/s, one database of 6,000 pages each, 4 workers × 4.
     pub fn multi_integration() -> Self {
-        Self { name: "multi-integration", integrations: 10, databases: 10, ..Self::utilization() }
+        Self {
+            name: "multi-integration",
+            integrations: 10,
+            databases: 10,
+            pages: 6000,
+            ..Self::utilization()
+        }
     }
 
     /// `full-10k`: one database of 10,000 pages at 3/s, one worker.
@@ -106,10 +112,7 @@ async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value>
     // Let the workers connect so the jobs start together.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let since = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default();
-    for id in &ids {
-        let id = id.to_string();
-        fleet.producer(&["enqueue", "--database", &id, "--mode", "full"], &[], false).await?;
-    }
+    fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
     let db = fleet.db().await?;
     let expected_requests = (s.pages as f64 / 100.0).ceil() as u64;
     let budget_secs = (expected_requests * s.databases) as f64 / (s.rate * s.integrations as f64);
@@ -210,8 +213,9 @@ async fn wait_all(
     }
 }
 
-/// `budget-acquire`: latency of uncontended `acquire` calls and the Redis commands each costs,
-/// counted by the Redis server (`INFO stats`), plus the pause check a Notion request adds.
+/// `budget-acquire`: latency of uncontended `acquire` calls (the slot reservation plus the
+/// fleet-wide pause check every Notion request makes) and the client round trips each costs,
+/// counted by the Redis server. Nothing else may use this Redis while it runs.
 pub async fn budget_acquire(redis_url: &str, iterations: usize) -> anyhow::Result<Value> {
     use secrecy::SecretString;
     use syncfleet_shared::budget::{Budget, BudgetKey};
@@ -228,14 +232,14 @@ pub async fn budget_acquire(redis_url: &str, iterations: usize) -> anyhow::Resul
         budget.acquire(&key).await?;
     }
     let mut conn = pool.get().await.context("redis")?;
-    let commands_before = total_commands(&mut conn).await?;
+    let commands_before = client_commands(&mut conn).await?;
     let mut samples = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let t = Instant::now();
         budget.acquire(&key).await?;
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let commands = total_commands(&mut conn).await? - commands_before - 1;
+    let commands = client_commands(&mut conn).await? - commands_before;
     let _: () = redis::cmd("DEL")
         .arg(format!("{prefix}:{{bench}}:gcra"))
         .arg(format!("{prefix}:{{bench}}:rate"))
@@ -255,12 +259,20 @@ pub async fn budget_acquire(redis_url: &str, iterations: usize) -> anyhow::Resul
     }))
 }
 
-async fn total_commands(conn: &mut deadpool_redis::Connection) -> anyhow::Result<i64> {
-    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("INFO stats has no total_commands_processed")
+/// Commands clients sent (one round trip each), from `INFO commandstats`. The commands a Lua
+/// script runs inside Redis are counted there too, under their own names, so only the ones a
+/// client sends itself are added up: EVALSHA/EVAL (the scripts), PTTL (the pause check) and
+/// SCRIPT (loading a script the first time).
+async fn client_commands(conn: &mut deadpool_redis::Connection) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await?;
+    let calls = |name: &str| -> i64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(["evalsha", "eval", "pttl", "script"].iter().map(|c| calls(c)).sum())
 }
 
 pub fn round(x: f64) -> f64 {

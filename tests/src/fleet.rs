@@ -208,6 +208,31 @@ impl Fleet {
         Ok(ids)
     }
 
+    /// Publishes one job per database through a single connection, so they start together
+    /// (a `syncfleet-producer enqueue` process per database would spread them over seconds).
+    pub async fn enqueue_all(
+        &self,
+        ids: &[uuid::Uuid],
+        mode: syncfleet_shared::job::SyncMode,
+    ) -> anyhow::Result<()> {
+        use syncfleet_shared::job::{Priority, Reason, SyncDatabaseJob};
+        let db = self.db().await?;
+        let metrics = syncfleet_shared::metrics::Metrics::new(syncfleet_shared::metrics::Role::Producer);
+        let publisher = syncfleet_producer::publish::JobPublisher::connect(&self.settings, metrics).await?;
+        let integrations = self.options.integrations.max(1);
+        for (i, id) in ids.iter().enumerate() {
+            let data = SyncDatabaseJob {
+                integration: self.options.integration(i as u64 % integrations),
+                database_id: *id,
+                mode,
+                priority: Priority::Normal,
+                reason: Reason::Manual,
+            };
+            publisher.publish(&db, "urn:syncfleet:bench", data).await?;
+        }
+        Ok(())
+    }
+
     pub async fn db(&self) -> anyhow::Result<DatabaseConnection> {
         Ok(syncfleet_shared::db::connect(&self.settings.database).await?)
     }

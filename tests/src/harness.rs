@@ -284,6 +284,25 @@ impl TestEnv {
     }
 
     /// POSTs to a simulator admin endpoint.
+    /// Requests the simulator logged for endpoints containing `endpoint` (e.g. `query`).
+    pub async fn sim_request_count(&self, endpoint: &str) -> anyhow::Result<usize> {
+        let log = self.sim_admin_get("requests").await?;
+        Ok(log["entries"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|e| e["endpoint"].as_str().is_some_and(|s| s.contains(endpoint)))
+                    .count()
+            })
+            .unwrap_or_default())
+    }
+
+    /// `GET /_sim/<path>` (path may carry a query string).
+    pub async fn sim_admin_get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(reqwest::get(format!("{}/_sim/{path}", self.sim_url())).await?.error_for_status()?.json().await?)
+    }
+
     pub async fn sim_admin(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
         let response =
             reqwest::Client::new().post(format!("{}/_sim/{path}", self.sim_url())).json(&body).send().await?;

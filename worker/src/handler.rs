@@ -194,6 +194,22 @@ async fn sync_once(
     guard: &lock::LeaseGuard,
 ) -> Result<(), JobFailure> {
     let session = open_session(ctx, &database).await?;
+    let prepared = match crate::schema::prepare(&ctx.db, &session, &database, fence).await {
+        Ok(p) => p,
+        Err(e) => {
+            // The failed schema read's requests still count in the run.
+            let (requests, rate_limited) = session.stats().take();
+            let delta = runs::RunDelta {
+                requests: requests as i64,
+                rate_limited: rate_limited as i64,
+                ..Default::default()
+            };
+            if let Err(db_error) = runs::record_progress(&ctx.db, job.id, &delta, None).await {
+                tracing::warn!(error = %db_error, "Could not record the failed attempt's request counts.");
+            }
+            return Err(e);
+        }
+    };
     let run = SyncRun {
         db: ctx.db.clone(),
         session,
@@ -207,6 +223,8 @@ async fn sync_once(
         shutdown: shutdown.clone(),
         lease_lost: guard.lost(),
         metrics: ctx.metrics.clone(),
+        schema: prepared.schema,
+        mapping: prepared.mapping,
     };
     let started = std::time::Instant::now();
     let summary = run.run().await?;

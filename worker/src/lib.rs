@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod handler;
+pub mod schema;
 pub mod sync;
 pub mod transform;
 pub mod worker;

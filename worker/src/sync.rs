@@ -14,12 +14,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use serde_json::Value;
 use std::collections::{HashSet, VecDeque};
 use syncfleet_shared::db::entities::{notion_database, sync_run::status};
 use syncfleet_shared::db::fence;
 use syncfleet_shared::db::pages::{self, PageRow};
 use syncfleet_shared::db::runs::{self, Checkpoint, RunDelta};
 use syncfleet_shared::job::SyncMode;
+use syncfleet_shared::mapping::Mapping;
 use syncfleet_shared::metrics::Metrics;
 use syncfleet_shared::notion::types::{ListResponse, QueryRequest, Timestamp};
 use syncfleet_shared::notion::{Endpoint, NotionError, NotionSession};
@@ -55,6 +57,10 @@ pub struct SyncRun {
     /// Cancelled when the database lock's lease is lost.
     pub lease_lost: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// The data source's schema, as just read from Notion.
+    pub schema: Value,
+    /// The operator's rules, keyed by property id.
+    pub mapping: Mapping,
 }
 
 /// Totals of a finished run: the sum of its batches' counter increments.
@@ -153,7 +159,10 @@ impl SyncRun {
             };
             let started = *run_started.get_or_insert_with(|| response.server_time.unwrap_or_else(Utc::now));
             let list = response.body;
-            let (pages, invalid) = transform::parse_results(list.results);
+            let (mut pages, mut invalid) = transform::parse_results(list.results);
+            for page in &mut pages {
+                self.complete_values(page).await?;
+            }
             let last = pages.iter().max_by_key(|p| (field.of(p), p.id)).map(|p| (field.of(p), p.id));
             let checkpoint =
                 last.map(|(sort_time, page_id)| Checkpoint { sort_time, page_id, run_started: started });
@@ -166,7 +175,13 @@ impl SyncRun {
                     }
                 });
             }
-            let rows: Vec<PageRow> = pages.into_iter().map(transform::to_row).collect();
+            let mut rows: Vec<PageRow> = Vec::with_capacity(pages.len());
+            for page in pages {
+                match transform::to_row(page, &self.mapping, &self.schema) {
+                    Ok(row) => rows.push(row),
+                    Err(bad) => invalid.push(bad),
+                }
+            }
             tracing::debug!(
                 rows = rows.len(),
                 fetch_ms = fetch_started.elapsed().as_millis() as u64,
@@ -181,6 +196,38 @@ impl SyncRun {
                 _ => return Ok(started),
             }
         }
+    }
+
+    /// Completes the values a page object truncated (relations, people and rich text over 25
+    /// items) from `GET /v1/pages/{id}/properties/{property_id}`, page by page, under the budget.
+    async fn complete_values(
+        &self,
+        page: &mut syncfleet_shared::notion::types::Page,
+    ) -> Result<(), JobFailure> {
+        for (property_id, ty) in transform::truncated_properties(page) {
+            let mut items = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut path = format!(
+                    "/v1/pages/{}/properties/{}?page_size=100",
+                    page.id,
+                    encode_path_segment(&property_id)
+                );
+                if let Some(c) = &cursor {
+                    path.push_str("&start_cursor=");
+                    path.push_str(&encode_path_segment(c));
+                }
+                let response =
+                    self.session.request::<(), ListResponse>(Endpoint::PageProperty, &path, None).await?;
+                items.extend(response.body.results);
+                match (response.body.has_more, response.body.next_cursor) {
+                    (true, Some(next)) => cursor = Some(next),
+                    _ => break,
+                }
+            }
+            transform::complete_property(page, &property_id, &ty, items);
+        }
+        Ok(())
     }
 
     /// Commits each batch with its counters and checkpoint. Up to [`WRITERS`] batches are written
@@ -242,7 +289,7 @@ impl SyncRun {
         committed_tx: &watch::Sender<u64>,
     ) -> Result<RunDelta, JobFailure> {
         for bad in &batch.invalid {
-            tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "Skipping a page that failed validation.");
+            tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "A page failed validation; it is recorded in sync_page_errors.");
         }
         let span = tracing::info_span!(
             "db.upsert",
@@ -274,6 +321,16 @@ impl SyncRun {
         let counts =
             pages::upsert_batch(&txn, self.database.id, self.run_id, self.fence, stamp_seen, batch.rows)
                 .await?;
+        let errors: Vec<pages::PageError> = batch
+            .invalid
+            .iter()
+            .map(|bad| pages::PageError {
+                page_id: bad.page_id.clone(),
+                reason: bad.reason.clone(),
+                page: bad.page.clone(),
+            })
+            .collect();
+        pages::record_errors(&txn, self.database.id, self.run_id, errors).await?;
         if committed.wait_for(|done| *done + 1 >= seq).await.is_err() {
             return Err(JobFailure::Interrupted);
         }
@@ -281,7 +338,7 @@ impl SyncRun {
         let delta = RunDelta {
             requests: requests as i64,
             rate_limited: rate_limited as i64,
-            seen: rows as i64,
+            seen: (rows + batch.invalid.len()) as i64,
             created: counts.created,
             updated: counts.updated,
             unchanged: counts.unchanged,
@@ -330,4 +387,17 @@ impl SyncRun {
         *summary += delta;
         Ok(())
     }
+}
+
+/// Percent-encodes a path segment (property ids are usually encoded already; `%` is kept).
+fn encode_path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'%') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

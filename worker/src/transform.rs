@@ -6,13 +6,64 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use syncfleet_shared::db::pages::PageRow;
 use syncfleet_shared::hashing::hash_value;
+use syncfleet_shared::mapping::Mapping;
 use syncfleet_shared::notion::types::Page;
 
-/// A result that could not be turned into a page.
+/// A result that could not be turned into a page, kept for `sync_page_errors`.
 #[derive(Debug, Clone)]
 pub struct InvalidPage {
     pub page_id: Option<String>,
     pub reason: String,
+    /// The page as Notion sent it (when it parsed far enough to have one).
+    pub page: Option<Value>,
+}
+
+/// Re-keys a page's properties by property id (stable across renames); each value keeps its
+/// `id` and `type`. A value without an id keeps its name as key.
+pub fn key_by_id(properties: serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+    properties
+        .into_iter()
+        .map(|(name, value)| {
+            let id = value.get("id").and_then(Value::as_str).map(str::to_string).unwrap_or(name);
+            (id, value)
+        })
+        .collect()
+}
+
+/// Property values the page object truncated (Notion returns at most 25 references): relations
+/// that say `has_more`, and people or rich-text lists that reached 25 items. Returns their ids.
+pub fn truncated_properties(page: &Page) -> Vec<(String, String)> {
+    page.properties
+        .values()
+        .filter_map(|v| {
+            let id = v.get("id")?.as_str()?;
+            let ty = v.get("type")?.as_str()?;
+            let truncated = match ty {
+                "relation" => v.get("has_more").and_then(Value::as_bool).unwrap_or(false),
+                "people" | "rich_text" | "title" => {
+                    v.get(ty).and_then(Value::as_array).is_some_and(|a| a.len() >= 25)
+                }
+                _ => false,
+            };
+            truncated.then(|| (id.to_string(), ty.to_string()))
+        })
+        .collect()
+}
+
+/// Replaces a truncated value with the complete list read from the property endpoint.
+pub fn complete_property(page: &mut Page, property_id: &str, ty: &str, items: Vec<Value>) {
+    let Some(value) =
+        page.properties.values_mut().find(|v| v.get("id").and_then(Value::as_str) == Some(property_id))
+    else {
+        return;
+    };
+    let Some(map) = value.as_object_mut() else { return };
+    let list: Vec<Value> =
+        items.into_iter().filter_map(|mut item| item.get_mut(ty).map(Value::take)).collect();
+    map.insert(ty.to_string(), Value::Array(list));
+    if ty == "relation" {
+        map.insert("has_more".into(), Value::Bool(false));
+    }
 }
 
 /// Parses a response's results. Non-page objects are skipped; malformed pages are reported, not
@@ -34,16 +85,21 @@ pub fn parse_results(results: Vec<Value>) -> (Vec<Page>, Vec<InvalidPage>) {
                     pages.push(page);
                 }
             },
-            Err(e) => invalid.push(InvalidPage { page_id, reason: e.to_string() }),
+            Err(e) => invalid.push(InvalidPage {
+                page_id,
+                reason: format!("not a valid page object: {e}"),
+                page: None,
+            }),
         }
     }
     (pages, invalid)
 }
 
-/// SHA-256 over what a user sees of a page, independent of JSON key order.
-pub fn content_hash(page: &Page) -> String {
+/// SHA-256 over what a user sees of a page (properties keyed by id, so a rename alone does not
+/// change it), independent of JSON key order.
+pub fn content_hash(page: &Page, properties: &serde_json::Map<String, Value>) -> String {
     let mut hasher = Sha256::new();
-    hash_value(&mut hasher, &Value::Object(page.properties.clone()));
+    hash_value(&mut hasher, &Value::Object(properties.clone()));
     hasher.update([page.is_archived() as u8, page.in_trash as u8]);
     hash_value(&mut hasher, page.icon.as_ref().unwrap_or(&Value::Null));
     hash_value(&mut hasher, page.cover.as_ref().unwrap_or(&Value::Null));
@@ -51,11 +107,20 @@ pub fn content_hash(page: &Page) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// The row written for a page.
-pub fn to_row(page: Page) -> PageRow {
-    let content_hash = content_hash(&page);
+/// The row written for a page, or why the page fails the database's mapping.
+pub fn to_row(mut page: Page, mapping: &Mapping, schema: &Value) -> Result<PageRow, InvalidPage> {
+    let properties = key_by_id(std::mem::take(&mut page.properties));
+    if let Err(reason) = mapping.validate(schema, &properties) {
+        page.properties = properties;
+        return Err(InvalidPage {
+            page_id: Some(page.id.to_string()),
+            reason,
+            page: serde_json::to_value(&page).ok(),
+        });
+    }
+    let content_hash = content_hash(&page, &properties);
     let archived = page.is_archived();
-    PageRow {
+    Ok(PageRow {
         page_id: page.id,
         url: page.url,
         created_time: page.created_time,
@@ -65,8 +130,8 @@ pub fn to_row(page: Page) -> PageRow {
         archived,
         in_trash: page.in_trash,
         content_hash,
-        properties: Value::Object(page.properties),
-    }
+        properties: Value::Object(properties),
+    })
 }
 
 #[cfg(test)]
@@ -85,8 +150,37 @@ mod tests {
         let a = parse_results(vec![page(json!({"A": {"number": 1}, "B": {"x": [1, 2]}}))]).0;
         let b = parse_results(vec![page(json!({"B": {"x": [1, 2]}, "A": {"number": 1}}))]).0;
         let c = parse_results(vec![page(json!({"A": {"number": 2}, "B": {"x": [1, 2]}}))]).0;
-        assert_eq!(content_hash(&a[0]), content_hash(&b[0]));
-        assert_ne!(content_hash(&a[0]), content_hash(&c[0]));
+        let hash = |p: &Page| content_hash(p, &key_by_id(p.properties.clone()));
+        assert_eq!(hash(&a[0]), hash(&b[0]));
+        assert_ne!(hash(&a[0]), hash(&c[0]));
+    }
+
+    #[test]
+    fn a_renamed_property_keeps_its_key_and_hash() {
+        let before =
+            parse_results(vec![page(json!({"Old": {"id": "x%3A1", "type": "number", "number": 5}}))]).0;
+        let after =
+            parse_results(vec![page(json!({"New": {"id": "x%3A1", "type": "number", "number": 5}}))]).0;
+        let a = to_row(before[0].clone(), &Mapping::default(), &Value::Null).expect("row");
+        let b = to_row(after[0].clone(), &Mapping::default(), &Value::Null).expect("row");
+        assert_eq!(a.properties, b.properties);
+        assert_eq!(a.content_hash, b.content_hash);
+        assert!(a.properties.get("x%3A1").is_some());
+    }
+
+    #[test]
+    fn truncated_relations_are_found_and_completed() {
+        let mut p = parse_results(vec![page(json!({"Rel": {"id": "rl", "type": "relation",
+            "relation": [{"id": "a"}], "has_more": true}}))])
+        .0
+        .remove(0);
+        assert_eq!(truncated_properties(&p), vec![("rl".to_string(), "relation".to_string())]);
+        let items = (0..60).map(
+            |i| json!({"object": "property_item", "type": "relation", "relation": {"id": i.to_string()}}),
+        );
+        complete_property(&mut p, "rl", "relation", items.collect());
+        assert_eq!(p.properties["Rel"]["relation"].as_array().map(Vec::len), Some(60));
+        assert!(truncated_properties(&p).is_empty());
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub async fn add(
         watermark: Set(None),
         fence: Set(0),
         last_success_at: Set(None),
+        mapping: Set(serde_json::json!({})),
+        view_hash: Set(String::new()),
         created_at: Set(now),
         updated_at: Set(now),
     };
@@ -110,6 +112,44 @@ pub async fn add(
         .await
         .context("saving the database")?;
     println!("database {id} ({title:?}) registered with data source {source_id}");
+    Ok(())
+}
+
+/// `database map`: validates the rule against the stored schema and saves it by property id.
+pub async fn map(settings: &Settings, args: &crate::cli::MapArgs) -> anyhow::Result<()> {
+    use sea_orm::{ActiveModelTrait, IntoActiveModel};
+    use syncfleet_shared::mapping::{Mapping, PropertyRule, Transform};
+    let db = syncfleet_shared::db::connect(&settings.database).await?;
+    let database = notion_database::Entity::find_by_id(args.database)
+        .one(&db)
+        .await?
+        .ok_or_else(|| anyhow!("database {} is not registered", args.database))?;
+    let mut mapping = Mapping::from_json(&database.mapping)?;
+    if let Some(property) = &args.property {
+        let transform = match args.transform.as_deref() {
+            None => None,
+            Some("enum_text") => Some(Transform::EnumText),
+            Some("integer") => Some(Transform::Integer),
+            Some("date_only") => Some(Transform::DateOnly),
+            Some(other) => bail!("unknown transform {other}"),
+        };
+        let rule =
+            PropertyRule { column: args.column.clone(), skip: args.skip, transform, required: args.required };
+        // Resolve the name to its id (and check the transform fits the type) before saving.
+        let single = Mapping { properties: [(property.clone(), rule)].into() }.resolve(&database.schema)?;
+        let (id, rule) = single.properties.into_iter().next().ok_or_else(|| anyhow!("nothing to map"))?;
+        mapping.properties.remove(property);
+        if args.clear {
+            mapping.properties.remove(&id);
+        } else {
+            mapping.properties.insert(id, rule);
+        }
+        let mut active = database.into_active_model();
+        active.mapping = Set(serde_json::to_value(&mapping)?);
+        active.updated_at = Set(chrono::Utc::now());
+        active.update(&db).await.context("saving the mapping")?;
+    }
+    println!("{}", serde_json::to_string_pretty(&mapping)?);
     Ok(())
 }
 

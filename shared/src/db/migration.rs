@@ -11,7 +11,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261122_000001_init::Migration)]
+        vec![Box::new(m20261122_000001_init::Migration), Box::new(m20261122_000002_sync_semantics::Migration)]
     }
 }
 
@@ -119,6 +119,92 @@ END $$;
             // lz4 compresses page properties several times faster than the default pglz; use it
             // when the server was built with it (PostgreSQL ≥ 14 with lz4), else keep pglz.
             db.execute_unprepared(LZ4).await.map(|_| ())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
+        }
+    }
+}
+
+/// Page history, invalid pages, per-database property mappings, and the `notion` schema that
+/// holds one typed view per database with the helper functions the views use.
+mod m20261122_000002_sync_semantics {
+    use sea_orm_migration::prelude::*;
+
+    pub struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m20261122_000002_sync_semantics"
+        }
+    }
+
+    const UP: &str = r#"
+CREATE TABLE notion_page_versions (
+    id                bigserial PRIMARY KEY,
+    database_id       uuid NOT NULL REFERENCES notion_databases (id) ON DELETE CASCADE,
+    page_id           uuid NOT NULL,
+    properties        jsonb NOT NULL,
+    content_hash      text NOT NULL,
+    last_edited_time  timestamptz NOT NULL,
+    archived          boolean NOT NULL,
+    in_trash          boolean NOT NULL,
+    deleted_at        timestamptz,
+    replaced_at       timestamptz NOT NULL DEFAULT now(),
+    replaced_by_run   uuid
+);
+CREATE INDEX notion_page_versions_page ON notion_page_versions (database_id, page_id, replaced_at DESC);
+
+CREATE TABLE sync_page_errors (
+    id           bigserial PRIMARY KEY,
+    run_id       uuid NOT NULL,
+    database_id  uuid NOT NULL REFERENCES notion_databases (id) ON DELETE CASCADE,
+    page_id      text,
+    reason       text NOT NULL,
+    page         jsonb,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX sync_page_errors_database ON sync_page_errors (database_id, created_at DESC);
+CREATE INDEX sync_page_errors_run ON sync_page_errors (run_id);
+
+ALTER TABLE notion_databases
+    ADD COLUMN mapping jsonb NOT NULL DEFAULT '{}'::jsonb,
+    ADD COLUMN view_hash text NOT NULL DEFAULT '';
+
+CREATE SCHEMA IF NOT EXISTS notion;
+
+-- Concatenated plain text of a rich-text array.
+CREATE FUNCTION notion.plain_text(arr jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT string_agg(e->>'plain_text', '' ORDER BY n)
+    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(arr) = 'array' THEN arr ELSE '[]'::jsonb END)
+         WITH ORDINALITY AS t(e, n)
+$$;
+
+-- One field of every element of an array (names of options, ids of users or pages).
+CREATE FUNCTION notion.field_array(arr jsonb, field text) RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT COALESCE(array_agg(e->>field ORDER BY n), '{}')
+    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(arr) = 'array' THEN arr ELSE '[]'::jsonb END)
+         WITH ORDINALITY AS t(e, n)
+$$;
+
+-- A Notion date or date-time; a bare date is midnight UTC (never the session's time zone).
+CREATE FUNCTION notion.ts(value text) RETURNS timestamptz LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN value IS NULL OR value = '' THEN NULL
+        WHEN length(value) = 10 THEN (value || 'T00:00:00+00:00')::timestamptz
+        ELSE value::timestamptz
+    END
+$$;
+"#;
+
+    const DOWN: &str = "DROP SCHEMA notion CASCADE; DROP TABLE sync_page_errors; DROP TABLE notion_page_versions; \
+        ALTER TABLE notion_databases DROP COLUMN mapping, DROP COLUMN view_hash;";
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
         }
 
         async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

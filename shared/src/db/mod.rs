@@ -5,6 +5,7 @@ pub mod fence;
 pub mod migration;
 pub mod pages;
 pub mod runs;
+pub mod views;
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
-//! The bulk write path: one response's pages upserted in one statement, unchanged pages untouched.
+//! The bulk write path: one response's pages upserted in one statement, unchanged pages untouched,
+//! and the previous version of each changed page kept in `notion_page_versions`.
 //!
 //! The batch travels as one array per column (`unnest`), so a batch of 100 pages is one round
 //! trip and PostgreSQL parses each page's JSON exactly once. A page whose `content_hash` is unchanged is not rewritten
@@ -46,6 +47,17 @@ existing AS (
     SELECT p.page_id, p.content_hash, p.deleted_at
     FROM notion_pages p JOIN input i ON i.page_id = p.page_id
     WHERE p.database_id = $1
+),
+versioned AS (
+    -- The previous version of every page whose content changes (same statement snapshot, so
+    -- these are the rows as they were before this batch).
+    INSERT INTO notion_page_versions (database_id, page_id, properties, content_hash, last_edited_time,
+        archived, in_trash, deleted_at, replaced_by_run)
+    SELECT p.database_id, p.page_id, p.properties, p.content_hash, p.last_edited_time, p.archived,
+        p.in_trash, p.deleted_at, $2
+    FROM notion_pages p JOIN input i ON i.page_id = p.page_id
+    WHERE p.database_id = $1 AND p.content_hash IS DISTINCT FROM i.content_hash
+    RETURNING 1
 ),
 upserted AS (
     INSERT INTO notion_pages AS p (database_id, page_id, properties, url, created_time, last_edited_time,
@@ -157,4 +169,40 @@ pub async fn mark_unseen_deleted<C: ConnectionTrait>(
         [database_id.into(), run_id.into()],
     );
     Ok(conn.execute_raw(stmt).await?.rows_affected())
+}
+
+/// A page that failed validation.
+#[derive(Debug, Clone)]
+pub struct PageError {
+    pub page_id: Option<String>,
+    pub reason: String,
+    pub page: Option<serde_json::Value>,
+}
+
+/// Records a batch's invalid pages in `sync_page_errors` (same transaction as the batch).
+pub async fn record_errors<C: ConnectionTrait>(
+    conn: &C,
+    database_id: Uuid,
+    run_id: Uuid,
+    errors: Vec<PageError>,
+) -> Result<(), DbErr> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(errors.len());
+    let mut reasons = Vec::with_capacity(errors.len());
+    let mut documents = Vec::with_capacity(errors.len());
+    for e in errors {
+        ids.push(e.page_id.unwrap_or_default());
+        reasons.push(e.reason);
+        documents.push(e.page.unwrap_or(serde_json::Value::Null));
+    }
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO sync_page_errors (run_id, database_id, page_id, reason, page) \
+         SELECT $1, $2, NULLIF(i, ''), r, NULLIF(d, 'null'::jsonb) FROM unnest($3::text[], $4::text[], $5::jsonb[]) AS t(i, r, d)",
+        [run_id.into(), database_id.into(), ids.into(), reasons.into(), documents.into()],
+    ))
+    .await?;
+    Ok(())
 }

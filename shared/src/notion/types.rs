@@ -66,7 +66,7 @@ pub struct UserRef {
 }
 
 /// A page (a database row).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Page {
     pub id: Uuid,
     pub created_time: DateTime<Utc>,

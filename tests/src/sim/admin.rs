@@ -50,6 +50,7 @@ pub fn handle(state: &SimState, method: &Method, path: &str, query: Option<&str>
         ("GET", "info") => Ok(info(state)),
         ("GET", "export") => export(state, query),
         ("POST", "mutate") => body(bytes).and_then(|m| mutate(state, m)),
+        ("POST", "schema") => body(bytes).and_then(|c| change_schema(state, c)),
         ("POST", "faults") => body::<Fault>(bytes).map(|f| {
             state.push_fault(f);
             ok(json!({"queued": true}))
@@ -126,7 +127,7 @@ fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError>
             .iter()
             .map(|p| {
                 let mut page = data::page_object(&ws, db, p, ApiVersion::V2025, None);
-                let properties = page.get_mut("properties").map(Value::take).unwrap_or_default();
+                let properties = complete_by_id(&ws, db, p, page.get_mut("properties").map(Value::take));
                 data::obj([
                     ("id", p.id.to_string().into()),
                     ("created_time", data::iso(p.created).into()),
@@ -148,6 +149,109 @@ fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError>
         return Err(err(StatusCode::NOT_FOUND, "no such database"));
     }
     Ok(ok(data::obj([("databases", Value::Array(out))])))
+}
+
+/// The ground truth of a page's properties: keyed by property id (as syncfleet stores them)
+/// and complete (relations with every target, not the page object's first 25).
+fn complete_by_id(
+    ws: &data::Workspace,
+    db: &data::SimDatabase,
+    page: &data::SimPage,
+    props: Option<Value>,
+) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, mut value) in props.and_then(|v| v.as_object().cloned()).unwrap_or_default() {
+        let id = value.get("id").and_then(Value::as_str).map(str::to_string).unwrap_or(name);
+        if value.get("type").and_then(Value::as_str) == Some("relation")
+            && let Some(map) = value.as_object_mut()
+        {
+            let all = data::relation_targets(db, page, ws.seed);
+            map.insert("relation".into(), Value::Array(all.iter().map(|t| json!({"id": t})).collect()));
+            map.insert("has_more".into(), false.into());
+        }
+        out.insert(id, value);
+    }
+    Value::Object(out)
+}
+
+#[derive(Deserialize)]
+struct NewProperty {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct Rename {
+    from: String,
+    to: String,
+}
+
+/// Schema drift, as operators cause it in Notion: `{"database_id"?, "add": [{"name", "type"}],
+/// "rename": [{"from", "to"}], "remove": [name]}`. Property ids survive renames; an added
+/// property gets a fresh id and values of its own. Page timestamps do not move (Notion does not
+/// bump `last_edited_time` for schema changes), so only a full sync sees new values.
+#[derive(Deserialize)]
+struct SchemaChange {
+    database_id: Option<Uuid>,
+    #[serde(default)]
+    add: Vec<NewProperty>,
+    #[serde(default)]
+    rename: Vec<Rename>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+/// The index of database `id` (the first database when none is named).
+fn database_index(ws: &data::Workspace, id: Option<Uuid>) -> Result<usize, AdminError> {
+    match id {
+        None => Ok(0),
+        Some(id) => ws
+            .databases
+            .iter()
+            .position(|db| db.id == id)
+            .ok_or_else(|| err(StatusCode::NOT_FOUND, "no such database")),
+    }
+}
+
+fn change_schema(state: &SimState, c: SchemaChange) -> Result<Response, AdminError> {
+    let mut ws = state.write();
+    let d = database_index(&ws, c.database_id)?;
+    let db = ws
+        .databases
+        .get_mut(d)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, "the simulator has no databases"))?;
+    for r in &c.rename {
+        if db.schema.iter().any(|p| p.name == r.to) {
+            return Err(err(StatusCode::BAD_REQUEST, format!("a property is already named {:?}", r.to)));
+        }
+        let def = db
+            .schema
+            .iter_mut()
+            .find(|p| p.name == r.from)
+            .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no property {:?}", r.from)))?;
+        def.name = r.to.clone();
+    }
+    for name in &c.remove {
+        let before = db.schema.len();
+        db.schema.retain(|p| &p.name != name || p.kind == data::Kind::Title);
+        if db.schema.len() == before {
+            return Err(err(StatusCode::NOT_FOUND, format!("no removable property {name:?}")));
+        }
+    }
+    let mut added = Vec::new();
+    for p in &c.add {
+        let kind = data::Kind::from_notion(&p.kind)
+            .ok_or_else(|| err(StatusCode::BAD_REQUEST, format!("type {:?} is not simulated", p.kind)))?;
+        if db.schema.iter().any(|d| d.name == p.name) {
+            return Err(err(StatusCode::BAD_REQUEST, format!("a property is already named {:?}", p.name)));
+        }
+        let salt = 1000 + db.schema.len() as u64 + added.len() as u64;
+        let id = format!("ad%3A{salt}");
+        db.schema.push(data::PropDef { id: id.clone(), name: p.name.clone(), kind, salt });
+        added.push(json!({"id": id, "name": p.name}));
+    }
+    Ok(ok(json!({"added": added, "properties": db.schema.len()})))
 }
 
 #[derive(Deserialize, Default)]
@@ -177,14 +281,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     ws.mutations += 1;
     let mut rng = Rng::new(&[ws.seed, ws.mutations, 0x3D]);
     let users = ws.users.clone();
-    let d = match m.database_id {
-        None => 0,
-        Some(id) => ws
-            .databases
-            .iter()
-            .position(|db| db.id == id)
-            .ok_or_else(|| err(StatusCode::NOT_FOUND, "no such database"))?,
-    };
+    let d = database_index(&ws, m.database_id)?;
     if ws.databases.is_empty() {
         return Err(err(StatusCode::NOT_FOUND, "the simulator has no databases"));
     }

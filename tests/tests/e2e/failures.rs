@@ -39,7 +39,8 @@ async fn a_rate_limit_pauses_and_the_same_job_continues() {
     assert_eq!(row.status, "succeeded");
     assert_eq!(row.attempt, 1, "no retry tier for a 429");
     assert_eq!(row.rate_limited, 1);
-    assert_eq!(row.requests, 4);
+    // The 429'd schema read and its repeat, 3 queries, and completing page 17's 60 relations.
+    assert_eq!(row.requests, 6);
     env.cleanup().await;
 }
 
@@ -83,8 +84,9 @@ async fn consecutive_failures_open_the_circuit_fleet_wide_and_it_closes_after_th
     }
     let row = env.wait_run(run, LONG).await.expect("run ends");
     assert_eq!(row.status, "succeeded", "{row:?}");
-    // 5 failures, 2 failed probes, 3 successes: while open, nothing reached Notion.
-    assert_eq!(row.requests, 10, "{row:?}");
+    // 5 failures, 2 failed probes, then the schema read, 3 queries and one relation completion:
+    // while the circuit was open nothing reached Notion.
+    assert_eq!(row.requests, 12, "{row:?}");
     assert!(row.attempt >= 3, "open-circuit attempts went to the retry tiers: {row:?}");
     let (_, text) = http_get(port, "/metrics", SHORT).await.expect("metrics");
     assert_eq!(metric_value(&text, series), Some(0.0), "closed again after three successes");

@@ -8,6 +8,7 @@ mod locks;
 mod observability;
 mod poison;
 mod publish;
+mod semantics;
 mod shutdown;
 mod sim_conformance;
 mod startup;

@@ -21,6 +21,11 @@ pub struct Model {
     /// Incremented on every lock acquisition; writes carry it.
     pub fence: i64,
     pub last_success_at: Option<ChronoDateTimeUtc>,
+    /// Operator-configured column names, skipped properties and transforms (see `mapping`).
+    #[sea_orm(column_type = "JsonBinary")]
+    pub mapping: Json,
+    /// Hash of what the typed view was last generated from.
+    pub view_hash: String,
     pub created_at: ChronoDateTimeUtc,
     pub updated_at: ChronoDateTimeUtc,
 }
