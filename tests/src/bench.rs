@@ -213,6 +213,74 @@ async fn wait_all(
     }
 }
 
+/// `incremental-noop` and `incremental-1pct`: a full sync of `pages`, then an incremental run on
+/// the unchanged database, then `edits` edits in Notion and another incremental run. Requests
+/// are counted at the simulator; rows written = pages created + updated by the run.
+pub async fn run_incremental(pages: u64, edits: u64) -> anyhow::Result<Vec<Value>> {
+    let name = "syncfleet_bench_incremental";
+    let options = FleetOptions { burst: 100, ..FleetOptions::new(name, pages, 0.0) };
+    eprintln!("incremental: a full sync of {pages} pages first…");
+    let mut fleet = Fleet::start(options).await?;
+    let result = async {
+        let ids = fleet.register().await?;
+        fleet.spawn_workers(1, 4)?;
+        let db = fleet.db().await?;
+        fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
+        let full = wait_all(&db, &ids, Duration::from_secs(1800)).await?;
+        if full.first().is_none_or(|r| r.0 != "succeeded") {
+            bail!("the full sync ended {:?}", full.first().map(|r| &r.0));
+        }
+        let mut lines = Vec::new();
+        for (scenario, edit) in [("incremental-noop", 0), ("incremental-1pct", edits)] {
+            if edit > 0 {
+                let body = json!({"edit": edit});
+                reqwest::Client::new()
+                    .post(format!("{}/_sim/mutate", fleet.sim_url))
+                    .json(&body)
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+            let before = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default();
+            fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Incremental).await?;
+            let runs = wait_all(&db, &ids, Duration::from_secs(600)).await?;
+            let run = latest(&db, ids[0]).await?;
+            let requests = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default() - before;
+            let target = if edit > 0 { edit.div_ceil(100) + 2 } else { 2 };
+            lines.push(json!({
+                "scenario": scenario,
+                "synced_pages": pages,
+                "edits": edit,
+                "status": runs[0].0,
+                "requests": requests,
+                "requests_target_max": target,
+                "rows_written": run.0 + run.1,
+                "pages_read": run.2,
+                "elapsed_s": round(runs[0].2),
+                "date": chrono::Utc::now().to_rfc3339(),
+            }));
+        }
+        Ok(lines)
+    }
+    .await;
+    fleet.stop().await;
+    crate::fleet::drop_database(name).await;
+    result
+}
+
+/// (created, updated, seen) of the database's latest run.
+async fn latest(db: &DatabaseConnection, id: Uuid) -> anyhow::Result<(i64, i64, i64)> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pages_created, pages_updated, pages_seen FROM sync_runs WHERE database_id = $1 ORDER BY enqueued_at DESC LIMIT 1",
+            [id.into()],
+        ))
+        .await?
+        .context("no run")?;
+    Ok((row.try_get("", "pages_created")?, row.try_get("", "pages_updated")?, row.try_get("", "pages_seen")?))
+}
+
 /// `budget-acquire`: latency of uncontended `acquire` calls (the slot reservation plus the
 /// fleet-wide pause check every Notion request makes) and the client round trips each costs,
 /// counted by the Redis server. Nothing else may use this Redis while it runs.

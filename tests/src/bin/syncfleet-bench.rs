@@ -58,10 +58,10 @@ enum Cmd {
     /// Run benchmark scenarios; each prints one JSON line.
     Run {
         /// unthrottled, demo, budget-utilization, full-10k, multi-integration, budget-acquire,
-        /// latency, or all
+        /// latency, incremental-noop, incremental-1pct (or incremental for both), or all
         #[arg(default_value = "all")]
         scenario: String,
-        /// Pages for `unthrottled`.
+        /// Pages for `unthrottled` and the incremental scenarios.
         #[arg(long, env = "BENCH_PAGES", default_value_t = 100_000)]
         pages: u64,
     },
@@ -228,6 +228,14 @@ async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
             ran = true;
         }
     }
+    if all || scenario.starts_with("incremental") {
+        for line in bench::run_incremental(pages, 1000).await? {
+            if all || scenario == "incremental" || line["scenario"] == scenario {
+                println!("{line}");
+            }
+        }
+        ran = true;
+    }
     if all || scenario == "budget-acquire" {
         let redis = std::env::var("SYNCFLEET_REDIS__URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         println!("{}", bench::budget_acquire(&redis, 20_000).await?);
@@ -235,7 +243,7 @@ async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
     }
     if !ran {
         bail!(
-            "unknown scenario {scenario} (unthrottled, demo, budget-utilization, full-10k, multi-integration, budget-acquire, latency, all)"
+            "unknown scenario {scenario} (unthrottled, demo, budget-utilization, full-10k, multi-integration, budget-acquire, latency, incremental-noop, incremental-1pct, incremental, all)"
         );
     }
     Ok(())
