@@ -157,6 +157,11 @@ impl Fleet {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Adds a `SYNCFLEET_*` setting for the processes started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// Starts `n` worker processes; their logs go to `<tmp>/<name>.worker-<i>.log`.
     pub fn spawn_workers(&mut self, n: usize, concurrency: u16) -> anyhow::Result<()> {
         for i in 0..n {

@@ -98,8 +98,11 @@ pub async fn prepare(
         ))
         .await?;
     }
-    let regenerated = views::ensure(
-        &txn,
+    // The view is a convenience over the data: if its DDL fails (a schema PostgreSQL rejects),
+    // the savepoint is rolled back, the failure logged, and the pages still sync.
+    let savepoint = txn.begin().await?;
+    let view = views::ensure(
+        &savepoint,
         database.id,
         &database.slug,
         &schema,
@@ -107,11 +110,24 @@ pub async fn prepare(
         &mapping,
         &database.view_hash,
     )
-    .await?;
-    txn.commit().await?;
-    if regenerated {
-        tracing::info!(view = %views::view_name(&database.slug), "Typed view generated.");
+    .await;
+    match view {
+        Ok(regenerated) => {
+            savepoint.commit().await?;
+            if regenerated {
+                tracing::info!(view = %views::view_name(&database.slug), "Typed view generated.");
+            }
+        }
+        Err(e) => {
+            savepoint.rollback().await?;
+            tracing::error!(
+                view = %views::view_name(&database.slug),
+                error = %e,
+                "Could not generate the typed view; the pages still sync."
+            );
+        }
     }
+    txn.commit().await?;
     Ok(Prepared { schema, mapping })
 }
 
