@@ -171,6 +171,11 @@ impl Fleet {
                 .args(["--concurrency", &concurrency.to_string()])
                 .envs(self.env.iter().cloned())
                 .env("SYNCFLEET_WORKER__ID", format!("{}-worker-{i}", self.options.name))
+                // As the container image runs it (deploy/Dockerfile); an explicit value wins.
+                .env(
+                    "MIMALLOC_PURGE_DELAY",
+                    std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "0".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(std::fs::File::create(&log)?))
                 .kill_on_drop(true)
