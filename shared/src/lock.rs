@@ -13,6 +13,21 @@ use redis::Script;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+// KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms. 1 = taken, 0 = held by someone, 2 = the key
+// held something without an expiry (every syncfleet lock has one: garbage, or another type) and
+// was replaced — otherwise such a key would block the database forever.
+const ACQUIRE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+if redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+return 0
+"#;
+
 // KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms. 1 if still ours and extended.
 const RENEW: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -95,17 +110,20 @@ pub async fn try_acquire_key(
 ) -> Result<Option<LeaseGuard>, LockError> {
     let token = uuid::Uuid::new_v4().to_string();
     let mut conn = pool.get().await.map_err(|e| LockError(e.to_string()))?;
-    let set: Option<String> = redis::cmd("SET")
-        .arg(&key)
+    let outcome: i64 = Script::new(ACQUIRE)
+        .key(&key)
         .arg(&token)
-        .arg("NX")
-        .arg("PX")
         .arg(lease.as_millis() as u64)
-        .query_async(&mut conn)
+        .invoke_async(&mut conn)
         .await
         .map_err(|e| LockError(e.to_string()))?;
-    if set.is_none() {
-        return Ok(None);
+    match outcome {
+        0 => return Ok(None),
+        2 => tracing::warn!(
+            key = %key,
+            "The lock key held something syncfleet never writes (no expiry, or another type); it was replaced."
+        ),
+        _ => {}
     }
     let lost = CancellationToken::new();
     // The renewer logs under the job that holds the lock.

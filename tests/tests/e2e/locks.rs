@@ -106,3 +106,28 @@ async fn after_kill_9_of_the_holder_another_worker_takes_over_after_the_lease_an
     assert!(env.log().contains("Resuming from the run's checkpoint"));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_lock_key_or_circuit_key_holding_garbage_is_replaced_and_the_sync_runs() {
+    let sim = SimConfig { pages: 150, rate: 0.0, ..SimConfig::default() };
+    let mut env = TestEnv::start(sim).await.expect("env");
+    let db = env.register("acme", 50.0, 10, 0).await.expect("register");
+    let prefix = env.settings.redis.key_prefix.clone();
+    let pool = syncfleet_shared::redis_pool::connect(&env.settings.redis).await.expect("redis");
+    let mut conn = pool.get().await.expect("conn");
+    // Without an expiry (every syncfleet lock has one) the lock would block the database forever.
+    let lock = syncfleet_shared::lock::lock_key(&prefix, &db);
+    let _: () = redis::cmd("SET").arg(&lock).arg("garbage").query_async(&mut conn).await.expect("set");
+    // A string where the breaker keeps a hash.
+    let circuit = format!("{prefix}:{{acme}}:circuit");
+    let _: () = redis::cmd("SET").arg(&circuit).arg("garbage").query_async(&mut conn).await.expect("set");
+    env.spawn_worker(1).expect("worker");
+    let run = env.enqueue("acme", db, SyncMode::Full).await.expect("enqueue");
+    let row = env.wait_run(run, LONG).await.expect("run ends");
+    assert_eq!(row.status, "succeeded", "{row:?}");
+    assert!(env.log().contains("it was replaced"), "{}", env.log_tail());
+    let kind: String = redis::cmd("TYPE").arg(&circuit).query_async(&mut conn).await.expect("type");
+    assert_ne!(kind, "string", "the circuit key was reset");
+    assert!(env.verify(db).await.expect("verify").is_exact());
+    env.cleanup().await;
+}
