@@ -199,11 +199,13 @@ pub struct SyncSettings {
     /// Default rate for integrations added without one, requests per second.
     pub default_rate: f64,
     pub default_burst: u32,
+    /// Most `created_time` ranges one full sync of a large database reads at once (1 = never split).
+    pub max_chains: u8,
 }
 
 impl Default for SyncSettings {
     fn default() -> Self {
-        Self { page_size: 100, overlap_secs: 120, default_rate: 3.0, default_burst: 3 }
+        Self { page_size: 100, overlap_secs: 120, default_rate: 3.0, default_burst: 3, max_chains: 4 }
     }
 }
 
@@ -284,6 +286,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "sync.default_rate",
                 reason: "must be a positive number".into(),
+            });
+        }
+        if self.sync.max_chains == 0 || self.sync.max_chains > 16 {
+            return Err(ConfigError::Invalid {
+                key: "sync.max_chains",
+                reason: "must be between 1 and 16".into(),
             });
         }
         if self.scheduler.tick_secs == 0 {

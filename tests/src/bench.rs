@@ -234,6 +234,19 @@ async fn wait_all(
     }
 }
 
+/// Registers the fleet's databases, starts one worker and fully syncs them (limit off).
+async fn synced(fleet: &mut Fleet) -> anyhow::Result<(Vec<Uuid>, DatabaseConnection)> {
+    let ids = fleet.register().await?;
+    fleet.spawn_workers(1, 4)?;
+    let db = fleet.db().await?;
+    fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
+    let full = wait_all(&db, &ids, Duration::from_secs(1800)).await?;
+    if let Some(bad) = full.iter().find(|r| r.0 != "succeeded") {
+        bail!("the first full sync ended {}", bad.0);
+    }
+    Ok((ids, db))
+}
+
 /// `incremental-noop` and `incremental-1pct`: a full sync of `pages`, then an incremental run on
 /// the unchanged database, then `edits` edits in Notion and another incremental run. Requests
 /// are counted at the simulator; rows written = pages created + updated by the run.
@@ -243,14 +256,7 @@ pub async fn run_incremental(pages: u64, edits: u64) -> anyhow::Result<Vec<Value
     eprintln!("incremental: a full sync of {pages} pages first…");
     let mut fleet = Fleet::start(options).await?;
     let result = async {
-        let ids = fleet.register().await?;
-        fleet.spawn_workers(1, 4)?;
-        let db = fleet.db().await?;
-        fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
-        let full = wait_all(&db, &ids, Duration::from_secs(1800)).await?;
-        if full.first().is_none_or(|r| r.0 != "succeeded") {
-            bail!("the full sync ended {:?}", full.first().map(|r| &r.0));
-        }
+        let (ids, db) = synced(&mut fleet).await?;
         let mut lines = Vec::new();
         for (scenario, edit) in [("incremental-noop", 0), ("incremental-1pct", edits)] {
             if edit > 0 {
@@ -300,6 +306,70 @@ async fn latest(db: &DatabaseConnection, id: Uuid) -> anyhow::Result<(i64, i64, 
         .await?
         .context("no run")?;
     Ok((row.try_get("", "pages_created")?, row.try_get("", "pages_updated")?, row.try_get("", "pages_seen")?))
+}
+
+/// `single-database-latency`: one large database (first synced with the limit off), then
+/// reconciled at 3/s with every answer 400 ms late — once read as one chain
+/// (`sync.max_chains` = 1), once as concurrent `created_time` ranges (the default).
+pub async fn run_single_database_latency(pages: u64) -> anyhow::Result<Vec<Value>> {
+    let name = "syncfleet_bench_single_latency";
+    let options = FleetOptions { burst: 100, ..FleetOptions::new(name, pages, 0.0) };
+    eprintln!("single-database-latency: a first sync of {pages} pages with the limit off…");
+    let mut fleet = Fleet::start(options).await?;
+    let result = async {
+        let (ids, db) = synced(&mut fleet).await?;
+        let (rate, burst) = (3.0, 3u32);
+        reqwest::Client::new()
+            .post(format!("{}/_sim/config", fleet.sim_url))
+            .json(&json!({"rate": rate, "burst": burst, "latency_ms": 400}))
+            .send()
+            .await?
+            .error_for_status()?;
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE integrations SET rate_per_second = $1, burst = $2",
+            [rate.into(), (burst as i32).into()],
+        ))
+        .await?;
+        let mut lines = Vec::new();
+        for max_chains in [1u8, 4] {
+            fleet.stop_workers().await;
+            fleet.set_env("SYNCFLEET_SYNC__MAX_CHAINS", &max_chains.to_string());
+            fleet.spawn_workers(1, 4)?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let log_url = format!("{}/_sim/requests", fleet.sim_url);
+            let since_ms =
+                reqwest::get(&log_url).await?.json::<Value>().await?["now_ms"].as_f64().unwrap_or_default();
+            fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
+            let runs = wait_all(&db, &ids, Duration::from_secs(3600)).await?;
+            let log: Value = reqwest::get(&log_url).await?.json().await?;
+            let tokens =
+                per_token(log["entries"].as_array().map(Vec::as_slice).unwrap_or_default(), since_ms);
+            let (n, t0, t1) = tokens.values().next().copied().context("no traffic")?;
+            let utilization = n.saturating_sub(u64::from(burst)) as f64 / ((t1 - t0) / 1000.0) / rate;
+            let floor = n.saturating_sub(u64::from(burst)) as f64 / rate;
+            lines.push(json!({
+                "scenario": "single-database-latency",
+                "max_chains": max_chains,
+                "pages": pages,
+                "status": runs[0].0,
+                "utilization": round(utilization),
+                "admitted_requests": n,
+                "rate_limited": fleet.sim_stats().await?["rate_limited_total"],
+                "elapsed_s": round(runs[0].2),
+                "floor_for_requests_made_s": round(floor),
+                "ratio_to_floor": round(runs[0].2 / floor),
+                "latency_ms": 400,
+                "rate": rate,
+                "date": chrono::Utc::now().to_rfc3339(),
+            }));
+        }
+        Ok(lines)
+    }
+    .await;
+    fleet.stop().await;
+    crate::fleet::drop_database(name).await;
+    result
 }
 
 /// `budget-acquire`: latency of uncontended `acquire` calls (the slot reservation plus the

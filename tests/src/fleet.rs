@@ -253,6 +253,13 @@ impl Fleet {
 
     /// Stops workers (SIGTERM, then kill), the simulator and the queues. The database stays.
     pub async fn stop(mut self) {
+        self.stop_workers().await;
+        let _ = self.sim.kill().await;
+        self.reset_queues().await;
+    }
+
+    /// Stops the worker processes (SIGTERM, then kill after 20 s).
+    pub async fn stop_workers(&mut self) {
         for child in &self.workers {
             if let Some(pid) = child.id() {
                 let _ = nix::sys::signal::kill(
@@ -268,8 +275,7 @@ impl Fleet {
                 let _ = child.kill().await;
             }
         }
-        let _ = self.sim.kill().await;
-        self.reset_queues().await;
+        self.workers.clear();
     }
 }
 

@@ -218,6 +218,7 @@ async fn sync_once(
         mode: job.data.mode,
         checkpoint,
         page_size: ctx.settings.sync.page_size,
+        max_chains: ctx.settings.sync.max_chains,
         overlap: ctx.settings.sync.overlap(),
         fence,
         shutdown: shutdown.clone(),

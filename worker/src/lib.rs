@@ -3,6 +3,7 @@
 //! [`Worker::run_until`]; tests drive the same code in-process.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod chains;
 pub mod error;
 pub mod handler;
 pub mod schema;

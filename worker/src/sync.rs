@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::chains::{self, Chain, Progress};
 use crate::error::JobFailure;
 use crate::transform::{self, InvalidPage};
 
@@ -51,6 +52,8 @@ pub struct SyncRun {
     pub mode: SyncMode,
     pub checkpoint: Option<Checkpoint>,
     pub page_size: u8,
+    /// Most concurrent `created_time` ranges of one full run.
+    pub max_chains: u8,
     pub overlap: Duration,
     pub fence: i64,
     pub shutdown: CancellationToken,
@@ -71,6 +74,11 @@ struct Batch {
     rows: Vec<PageRow>,
     invalid: Vec<InvalidPage>,
     checkpoint: Option<Checkpoint>,
+    /// Which `created_time` range (chain) it came from, and whether that range is now read.
+    range: usize,
+    range_done: bool,
+    /// Notion's clock at the start of the run.
+    started: DateTime<Utc>,
 }
 
 impl SyncRun {
@@ -93,12 +101,39 @@ impl SyncRun {
         }
     }
 
+    /// The chains to read: several disjoint `created_time` ranges for a large full run (or a
+    /// resumed split one), else one chain from [`start_from`](Self::start_from).
+    async fn chains(&self) -> Result<(Vec<Chain>, Option<Progress>), JobFailure> {
+        match (&self.checkpoint, self.mode) {
+            (Some(cp), SyncMode::Full) if !cp.ranges.is_empty() => {
+                Ok((chains::pending(&cp.ranges), Some(Progress::new(cp.ranges.clone()))))
+            }
+            (None, SyncMode::Full) => {
+                let ranges = chains::plan(&self.db, self.database.id, usize::from(self.max_chains)).await?;
+                if ranges.len() < 2 {
+                    return Ok((vec![Chain::whole(None)], None));
+                }
+                tracing::info!(
+                    chains = ranges.len(),
+                    "Reading the database as concurrent created_time ranges."
+                );
+                Ok((chains::pending(&ranges), Some(Progress::new(ranges))))
+            }
+            _ => Ok((vec![Chain::whole(self.start_from())], None)),
+        }
+    }
+
     pub async fn run(self) -> Result<SyncSummary, JobFailure> {
-        let (tx, rx) = mpsc::channel::<Batch>(1);
-        let reader = self.read_pages(tx);
-        let writer = self.write_batches(rx);
-        let (run_started, mut summary) = match tokio::join!(reader, writer) {
-            (Ok(started), Ok(summary)) => (started, summary),
+        let (chains, progress) = self.chains().await?;
+        let (tx, rx) = mpsc::channel::<Batch>(chains.len().max(1));
+        let readers = futures_util::future::try_join_all(
+            chains.into_iter().map(|chain| self.read_chain(tx.clone(), chain)),
+        );
+        drop(tx);
+        let progress = progress.map(std::sync::Mutex::new);
+        let writer = self.write_batches(rx, progress.as_ref());
+        let (run_started, mut summary) = match tokio::join!(readers, writer) {
+            (Ok(starts), Ok(summary)) => (starts.into_iter().min().unwrap_or_else(Utc::now), summary),
             (Err(e), _) | (_, Err(e)) => {
                 // Requests made since the last committed batch still count.
                 let (requests, rate_limited) = self.session.stats().take();
@@ -117,14 +152,14 @@ impl SyncRun {
         Ok(summary)
     }
 
-    /// Pages through the query and hands each response to the writer. Returns Notion's clock at
-    /// the start of the run, from which the new watermark is derived.
-    async fn read_pages(&self, tx: mpsc::Sender<Batch>) -> Result<DateTime<Utc>, JobFailure> {
+    /// Pages through one chain's query and hands each response to the writer. Returns Notion's
+    /// clock at the start of the run, from which the new watermark is derived.
+    async fn read_chain(&self, tx: mpsc::Sender<Batch>, chain: Chain) -> Result<DateTime<Utc>, JobFailure> {
         let field = self.sort_field();
         let path = format!("/v1/data_sources/{}/query", self.database.data_source_id);
         // `query_from` is the filter of the current query session; `resume_from` is where a new
         // session would start (it moves with every response, the session's filter cannot).
-        let mut query_from = self.start_from();
+        let mut query_from = chain.from;
         let mut resume_from = query_from;
         let mut run_started = self.checkpoint.as_ref().map(|c| c.run_started);
         let mut cursor: Option<String> = None;
@@ -136,7 +171,7 @@ impl SyncRun {
             if self.shutdown.is_cancelled() {
                 return Err(JobFailure::Interrupted);
             }
-            let mut request = QueryRequest::ascending(field, query_from, self.page_size);
+            let mut request = QueryRequest::ascending_between(field, query_from, chain.hi, self.page_size);
             request.start_cursor = cursor.clone();
             let fetch_started = std::time::Instant::now();
             let response = match self
@@ -164,8 +199,12 @@ impl SyncRun {
                 self.complete_values(page).await?;
             }
             let last = pages.iter().max_by_key(|p| (field.of(p), p.id)).map(|p| (field.of(p), p.id));
-            let checkpoint =
-                last.map(|(sort_time, page_id)| Checkpoint { sort_time, page_id, run_started: started });
+            let checkpoint = last.map(|(sort_time, page_id)| Checkpoint {
+                sort_time,
+                page_id,
+                run_started: started,
+                ranges: Vec::new(),
+            });
             if let Some((sort_time, _)) = last {
                 // A restarted query resumes here; it is inclusive, so nothing is skipped.
                 resume_from = Some(match self.mode {
@@ -187,13 +226,16 @@ impl SyncRun {
                 fetch_ms = fetch_started.elapsed().as_millis() as u64,
                 "Response read."
             );
-            if tx.send(Batch { rows, invalid, checkpoint }).await.is_err() {
+            let next = list.next_cursor.filter(|_| list.has_more);
+            let range_done = next.is_none();
+            let batch = Batch { rows, invalid, checkpoint, range: chain.range, range_done, started };
+            if tx.send(batch).await.is_err() {
                 // The writer failed; its error is the one reported.
                 return Ok(started);
             }
-            match (list.has_more, list.next_cursor) {
-                (true, Some(next)) => cursor = Some(next),
-                _ => return Ok(started),
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(started),
             }
         }
     }
@@ -234,7 +276,11 @@ impl SyncRun {
     /// at once (PostgreSQL parses and stores them on separate backends), but they commit strictly
     /// in order, so a checkpoint never gets ahead of a batch before it. Batches that share a page
     /// are never in flight together (their row locks could otherwise wait on each other).
-    async fn write_batches(&self, mut rx: mpsc::Receiver<Batch>) -> Result<SyncSummary, JobFailure> {
+    async fn write_batches(
+        &self,
+        mut rx: mpsc::Receiver<Batch>,
+        progress: Option<&std::sync::Mutex<Progress>>,
+    ) -> Result<SyncSummary, JobFailure> {
         let mut summary = SyncSummary::default();
         let (committed_tx, committed_rx) = watch::channel(0u64);
         let mut in_flight = FuturesOrdered::new();
@@ -257,7 +303,7 @@ impl SyncRun {
                     }
                     next_seq += 1;
                     in_flight_pages.push_back((next_seq, ids));
-                    in_flight.push_back(self.write_one(next_seq, batch, committed_rx.clone(), &committed_tx));
+                    in_flight.push_back(self.write_one(next_seq, batch, committed_rx.clone(), &committed_tx, progress));
                 }
                 Some(result) = in_flight.next(), if !in_flight.is_empty() => {
                     let delta: RunDelta = result?;
@@ -287,6 +333,7 @@ impl SyncRun {
         batch: Batch,
         committed: watch::Receiver<u64>,
         committed_tx: &watch::Sender<u64>,
+        progress: Option<&std::sync::Mutex<Progress>>,
     ) -> Result<RunDelta, JobFailure> {
         for bad in &batch.invalid {
             tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "A page failed validation; it is recorded in sync_page_errors.");
@@ -299,7 +346,7 @@ impl SyncRun {
             db.collection.name = "notion_pages",
             db.operation.batch.size = batch.rows.len(),
         );
-        self.write_one_in(seq, batch, committed, committed_tx).instrument(span).await
+        self.write_one_in(seq, batch, committed, committed_tx, progress).instrument(span).await
     }
 
     async fn write_one_in(
@@ -308,6 +355,7 @@ impl SyncRun {
         batch: Batch,
         mut committed: watch::Receiver<u64>,
         committed_tx: &watch::Sender<u64>,
+        progress: Option<&std::sync::Mutex<Progress>>,
     ) -> Result<RunDelta, JobFailure> {
         let write_started = std::time::Instant::now();
         let stamp_seen = self.mode == SyncMode::Full;
@@ -345,7 +393,16 @@ impl SyncRun {
             deleted: 0,
             invalid: batch.invalid.len() as i64,
         };
-        runs::record_progress(&txn, self.run_id, &delta, batch.checkpoint.as_ref()).await?;
+        // A split run stores every range's committed progress; batches commit in order, so the
+        // progress advanced here includes everything committed before.
+        let checkpoint = match progress {
+            Some(p) => {
+                let reached = batch.checkpoint.as_ref().map(|c| c.sort_time);
+                p.lock().map(|mut p| p.advance(batch.range, reached, batch.range_done, batch.started)).ok()
+            }
+            None => batch.checkpoint,
+        };
+        runs::record_progress(&txn, self.run_id, &delta, checkpoint.as_ref()).await?;
         txn.commit().await?;
         committed_tx.send_replace(seq);
         self.metrics.pages_changed(delta.created, delta.updated, delta.unchanged, 0, delta.invalid);

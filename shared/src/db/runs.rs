@@ -18,6 +18,20 @@ pub struct Checkpoint {
     pub page_id: Uuid,
     /// Notion's clock when the run first started; the watermark is derived from it.
     pub run_started: DateTime<Utc>,
+    /// A full run split into disjoint `created_time` ranges keeps each range's progress here
+    /// (`sort_time` is then the least progress of the unfinished ranges).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<RangeState>,
+}
+
+/// One `created_time` range `[lo, hi)` of a split full run and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RangeState {
+    pub lo: Option<DateTime<Utc>>,
+    pub hi: Option<DateTime<Utc>>,
+    /// Where a resumed read of this range starts (inclusive).
+    pub from: Option<DateTime<Utc>>,
+    pub done: bool,
 }
 
 /// Counter increments for one batch.

@@ -136,13 +136,32 @@ impl Timestamp {
 impl QueryRequest {
     /// Ascending by `timestamp`, optionally from `on_or_after` (inclusive; Notion is minute-granular).
     pub fn ascending(timestamp: Timestamp, on_or_after: Option<DateTime<Utc>>, page_size: u8) -> Self {
+        Self::ascending_between(timestamp, on_or_after, None, page_size)
+    }
+
+    /// Ascending by `timestamp` within `[on_or_after, before)`; either end may be open. Ranges
+    /// that share a boundary are disjoint and together complete, at any rounding of the times.
+    pub fn ascending_between(
+        timestamp: Timestamp,
+        on_or_after: Option<DateTime<Utc>>,
+        before: Option<DateTime<Utc>>,
+        page_size: u8,
+    ) -> Self {
         let field = timestamp.as_str();
-        let filter = on_or_after.map(|t| {
+        let condition = |op: &str, t: DateTime<Utc>| {
             serde_json::json!({
                 "timestamp": field,
-                field: {"on_or_after": t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)}
+                field: {op: t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)}
             })
-        });
+        };
+        let mut conditions: Vec<Value> = Vec::new();
+        conditions.extend(on_or_after.map(|t| condition("on_or_after", t)));
+        conditions.extend(before.map(|t| condition("before", t)));
+        let filter = match conditions.len() {
+            0 => None,
+            1 => conditions.pop(),
+            _ => Some(serde_json::json!({"and": conditions})),
+        };
         Self {
             filter,
             sorts: vec![serde_json::json!({"timestamp": field, "direction": "ascending"})],

@@ -259,6 +259,12 @@ async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
         }
         ran = true;
     }
+    if all || scenario == "single-database-latency" {
+        for line in bench::run_single_database_latency(24_000).await? {
+            println!("{line}");
+        }
+        ran = true;
+    }
     if all || scenario == "budget-acquire" {
         let redis = std::env::var("SYNCFLEET_REDIS__URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         println!("{}", bench::budget_acquire(&redis, 20_000).await?);
@@ -266,7 +272,7 @@ async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
     }
     if !ran {
         bail!(
-            "unknown scenario {scenario} (unthrottled, demo, budget-utilization, full-10k, multi-integration, multi-integration-small-pages, budget-acquire, latency, incremental-noop, incremental-1pct, incremental, all)"
+            "unknown scenario {scenario} (unthrottled, demo, budget-utilization, full-10k, multi-integration, multi-integration-small-pages, budget-acquire, latency, single-database-latency, incremental-noop, incremental-1pct, incremental, all)"
         );
     }
     Ok(())

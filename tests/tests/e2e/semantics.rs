@@ -287,3 +287,33 @@ async fn after_kill_9_halfway_through_twenty_thousand_pages_the_job_resumes_from
     assert!(env.verify(db).await.expect("verify").is_exact());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_large_database_is_reconciled_as_concurrent_ranges_that_resume_after_kill_9() {
+    let sim = SimConfig { pages: 21_000, rate: 0.0, ..SimConfig::default() };
+    let mut env = TestEnv::start(sim).await.expect("env");
+    let db = env.register("acme", 100.0, 10, 0).await.expect("register");
+    let first = env.spawn_worker(1).expect("worker A");
+    // The first sync does not know the size: one chain.
+    assert_eq!(sync(&env, db, SyncMode::Full).await.status, "succeeded");
+    assert!(!env.log().contains("concurrent created_time ranges"));
+    env.sim_admin("mutate", json!({"trash": 5})).await.expect("trash");
+    // The reconciliation knows 21,000 pages: two ranges, read at once. Kill it halfway.
+    let run = env.enqueue("acme", db, SyncMode::Full).await.expect("enqueue");
+    env.wait_run_until(run, LONG, |r| r.pages_seen >= 8_000).await.expect("halfway");
+    env.signal_worker(first, Signal::SIGKILL).expect("kill -9");
+    assert!(env.log().contains("concurrent created_time ranges"), "{}", env.log_tail());
+    let checkpoint = scalar(
+        &env,
+        &format!("SELECT jsonb_array_length(checkpoint->'ranges')::bigint FROM sync_runs WHERE id = '{run}'"),
+    )
+    .await;
+    assert_eq!(checkpoint, 2, "each range's progress is in the checkpoint");
+    env.spawn_worker(1).expect("worker B");
+    let done = env.wait_run(run, LONG).await.expect("B finishes");
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert_eq!(done.pages_deleted, 5, "{done:?}");
+    assert!(done.pages_seen >= 20_995, "{done:?}");
+    assert!(env.verify(db).await.expect("verify").is_exact());
+    env.cleanup().await;
+}
