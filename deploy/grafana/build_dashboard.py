@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes dashboards/syncfleet-fleet.json. Edit this file, run it, commit both.
+"""Writes dashboards/syncfleet-fleet.json. Edit this file, run it, commit both (a test checks).
 
 Every panel has a unit and a description, reads the templated datasource, and filters on the
 namespace / integration / instance variables; rates use $__rate_interval.
@@ -144,6 +144,10 @@ dashboard = {
     "panels": panels,
 }
 
-out = pathlib.Path(__file__).parent / "dashboards" / "syncfleet-fleet.json"
+import sys
+
+# `build_dashboard.py [path]`: writes to path (the committed file by default); the test suite
+# writes to a temporary file and checks the committed dashboard is what this script produces.
+out = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "dashboards" / "syncfleet-fleet.json"
 out.write_text(json.dumps(dashboard, indent=2, ensure_ascii=False) + "\n")
 print(f"wrote {out}")

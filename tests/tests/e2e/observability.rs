@@ -230,6 +230,18 @@ async fn every_dashboard_panel_has_a_unit_a_description_and_a_templated_datasour
     }
 }
 
+#[test]
+fn the_committed_dashboard_is_what_its_generator_writes() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/build_dashboard.py");
+    let out = std::env::temp_dir().join(format!("syncfleet-dashboard-{}.json", std::process::id()));
+    let status = std::process::Command::new("python3").arg(script).arg(&out).status().expect("python3 runs");
+    assert!(status.success());
+    let generated: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("generated")).expect("json");
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(generated, dashboard(), "run deploy/grafana/build_dashboard.py and commit the result");
+}
+
 #[tokio::test]
 async fn promtool_accepts_the_alert_rules_and_their_unit_tests_pass() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus");
