@@ -5,7 +5,6 @@
 //! every acquisition also takes a new fence from PostgreSQL (`db::fence`), and every write checks
 //! it. The lease only keeps two holders from *starting*; the fence keeps a stale one from *writing*.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_redis::Pool;
@@ -137,7 +136,7 @@ pub async fn try_acquire_key(
 /// Renews every third of the lease; declares the lease lost when it is no longer ours, or when
 /// no renewal succeeded for a whole lease (Redis unreachable: someone else may hold it by now).
 async fn renew(pool: Pool, key: String, token: String, lease: Duration, lost: CancellationToken) {
-    let script = Arc::new(Script::new(RENEW));
+    let script = Script::new(RENEW);
     let mut last_ok = Instant::now();
     loop {
         tokio::time::sleep(lease / 3).await;

@@ -93,6 +93,11 @@ pub fn schema_properties(schema: &Value) -> Vec<(String, String, String, &Value)
         .collect()
 }
 
+/// The schema's definition of the property with Notion id `id`.
+fn property_by_id<'a>(schema: &'a Value, id: &str) -> Option<&'a Value> {
+    schema.as_object()?.values().find(|def| def.get("id").and_then(Value::as_str) == Some(id))
+}
+
 impl Mapping {
     pub fn from_json(value: &Value) -> Result<Self, MappingError> {
         if value.is_null() || value.as_object().is_some_and(|o| o.is_empty()) {
@@ -134,10 +139,11 @@ impl Mapping {
         schema: &Value,
         properties: &serde_json::Map<String, Value>,
     ) -> Result<(), String> {
-        let props = schema_properties(schema);
         let mut problems = Vec::new();
         for (id, rule) in &self.properties {
-            let name = props.iter().find(|p| &p.0 == id).map(|p| p.1.as_str()).unwrap_or(id);
+            // Runs for every page: look up only the rule's own property, without copying the schema.
+            let def = property_by_id(schema, id);
+            let name = def.and_then(|d| d.get("name")).and_then(Value::as_str).unwrap_or(id);
             let value = properties.get(id);
             let ty = value.and_then(|v| v.get("type")).and_then(Value::as_str).unwrap_or_default();
             let inner = value.and_then(|v| v.get(ty)).unwrap_or(&Value::Null);
@@ -166,7 +172,6 @@ impl Mapping {
                 }
                 Transform::EnumText => {
                     let chosen = inner.get("name").and_then(Value::as_str).unwrap_or_default();
-                    let def = props.iter().find(|p| &p.0 == id).map(|p| p.3);
                     let options: Vec<&str> = def
                         .and_then(|d| d.get(ty))
                         .and_then(|c| c.get("options"))

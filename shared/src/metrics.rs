@@ -109,19 +109,42 @@ impl std::fmt::Debug for Metrics {
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable_metric(name, &e))
+    built(name, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    built(name, IntCounter::new(name, help))
+}
+
+fn gauge(name: &str, help: &str) -> Gauge {
+    built(name, Gauge::new(name, help))
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    built(name, GaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn int_gauge(name: &str, help: &str) -> IntGauge {
+    built(name, IntGauge::new(name, help))
+}
+
+fn int_gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    built(name, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-        .unwrap_or_else(|e| unreachable_metric(name, &e))
+    built(name, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())))
+}
+
+fn histogram_vec(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    built(name, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels))
 }
 
 /// The names and label sets above are constants, so construction cannot fail at run time; a
 /// typo would fail every test at once. Kept as one function so no call site needs `expect`.
 #[allow(clippy::panic)]
-fn unreachable_metric(name: &str, error: &prometheus::Error) -> ! {
-    panic!("metric {name} is malformed: {error}")
+fn built<T>(name: &str, result: Result<T, prometheus::Error>) -> T {
+    result.unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"))
 }
 
 impl Metrics {
@@ -150,27 +173,22 @@ impl Metrics {
                 "Time a job spent in RabbitMQ between publishing and delivery.",
                 QUEUE_WAIT_BUCKETS,
             ),
-            jobs_in_flight: IntGauge::new("syncfleet_jobs_in_flight", "Jobs this worker is running now.")
-                .unwrap_or_else(|e| unreachable_metric("syncfleet_jobs_in_flight", &e)),
-            worker_concurrency: IntGauge::new(
+            jobs_in_flight: int_gauge("syncfleet_jobs_in_flight", "Jobs this worker is running now."),
+            worker_concurrency: int_gauge(
                 "syncfleet_worker_concurrency",
                 "Jobs this worker may run at once (its AMQP prefetch).",
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_worker_concurrency", &e)),
+            ),
             notion_requests: counter_vec(
                 "syncfleet_notion_requests_total",
                 "Requests sent to Notion, by integration, endpoint template and status class.",
                 &["integration", "endpoint", "status_class"],
             ),
-            notion_request_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "syncfleet_notion_request_duration_seconds",
-                    "Notion request latency (sending to the last byte of the answer), by endpoint template.",
-                )
-                .buckets(REQUEST_BUCKETS.to_vec()),
+            notion_request_duration: histogram_vec(
+                "syncfleet_notion_request_duration_seconds",
+                "Notion request latency (sending to the last byte of the answer), by endpoint template.",
+                REQUEST_BUCKETS,
                 &["endpoint"],
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_notion_request_duration_seconds", &e)),
+            ),
             notion_rate_limited: counter_vec(
                 "syncfleet_notion_rate_limited_total",
                 "Notion answers 429 or 529, by integration.",
@@ -181,76 +199,57 @@ impl Metrics {
                 "Time a request waited on the integration's shared rate budget.",
                 BUDGET_WAIT_BUCKETS,
             ),
-            rate_budget_configured: GaugeVec::new(
-                Opts::new(
-                    "syncfleet_rate_budget_configured_per_second",
-                    "The integration's configured Notion request rate.",
-                ),
+            rate_budget_configured: gauge_vec(
+                "syncfleet_rate_budget_configured_per_second",
+                "The integration's configured Notion request rate.",
                 &["integration"],
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_rate_budget_configured_per_second", &e)),
-            rate_budget_effective: GaugeVec::new(
-                Opts::new(
-                    "syncfleet_rate_budget_effective_per_second",
-                    "The integration's effective request rate after slow start on unexplained 429s.",
-                ),
+            ),
+            rate_budget_effective: gauge_vec(
+                "syncfleet_rate_budget_effective_per_second",
+                "The integration's effective request rate after slow start on unexplained 429s.",
                 &["integration"],
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_rate_budget_effective_per_second", &e)),
+            ),
             pages: counter_vec(
                 "syncfleet_pages_total",
                 "Pages processed by sync runs, by change type.",
                 &["change"],
             ),
-            lock_contended: IntCounter::new(
+            lock_contended: counter(
                 "syncfleet_lock_contended_total",
                 "Jobs that found their database's lock held and were coalesced into a rerun.",
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_lock_contended_total", &e)),
-            lease_lost: IntCounter::new(
+            ),
+            lease_lost: counter(
                 "syncfleet_lease_lost_total",
                 "Database locks whose lease ran out under a running job.",
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_lease_lost_total", &e)),
-            fence_rejected_writes: IntCounter::new(
+            ),
+            fence_rejected_writes: counter(
                 "syncfleet_fence_rejected_writes_total",
                 "Write transactions rejected because a newer lock holder advanced the fence.",
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_fence_rejected_writes_total", &e)),
-            circuit_open: IntGaugeVec::new(
-                Opts::new(
-                    "syncfleet_circuit_open",
-                    "1 while this process's circuit breaker for the integration is open.",
-                ),
+            ),
+            circuit_open: int_gauge_vec(
+                "syncfleet_circuit_open",
+                "1 while the integration's fleet-wide circuit breaker is open (as this process last saw it).",
                 &["integration"],
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_circuit_open", &e)),
-            database_last_success: GaugeVec::new(
-                Opts::new(
-                    "syncfleet_database_last_success_timestamp_seconds",
-                    "Unix time of the database's last successful sync (database = its slug).",
-                ),
+            ),
+            database_last_success: gauge_vec(
+                "syncfleet_database_last_success_timestamp_seconds",
+                "Unix time of the database's last successful sync (database = its slug).",
                 &["integration", "database"],
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_database_last_success_timestamp_seconds", &e)),
-            database_interval: GaugeVec::new(
-                Opts::new(
-                    "syncfleet_database_sync_interval_seconds",
-                    "How often the database is meant to sync: its incremental interval, else the full reconciliation period.",
-                ),
+            ),
+            database_interval: gauge_vec(
+                "syncfleet_database_sync_interval_seconds",
+                "How often the database is meant to sync: its incremental interval, else the full reconciliation period.",
                 &["integration", "database"],
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_database_sync_interval_seconds", &e)),
-            scheduler_last_tick: Gauge::new(
+            ),
+            scheduler_last_tick: gauge(
                 "syncfleet_scheduler_last_tick_timestamp_seconds",
                 "Unix time of the scheduler's last completed pass.",
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_scheduler_last_tick_timestamp_seconds", &e)),
-            build_info: IntGaugeVec::new(
-                Opts::new("syncfleet_build_info", "Always 1; the labels name the running build."),
+            ),
+            build_info: int_gauge_vec(
+                "syncfleet_build_info",
+                "Always 1; the labels name the running build.",
                 &["version", "revision"],
-            )
-            .unwrap_or_else(|e| unreachable_metric("syncfleet_build_info", &e)),
+            ),
         };
         m.register_all();
         Arc::new(m)

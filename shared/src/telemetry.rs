@@ -68,7 +68,6 @@ fn tracer_provider(service: &str) -> Result<SdkTracerProvider, String> {
 /// Installs the global subscriber (and the OTLP exporter when asked for). `service` is the
 /// default `service.name`. A second call installs nothing.
 pub fn init(settings: &Settings, service: &str) -> Telemetry {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let level = if settings.log_level.is_empty() { "info" } else { settings.log_level.as_str() };
     // The SQL drivers log every statement at info; keep them to warnings unless asked.
     let default = format!(

@@ -111,8 +111,7 @@ pub async fn run_budget(s: &BudgetScenario) -> anyhow::Result<Value> {
     );
     let mut fleet = Fleet::start(options).await?;
     let result = measure(&mut fleet, s).await;
-    fleet.stop().await;
-    crate::fleet::drop_database(&name).await;
+    fleet.discard().await;
     result
 }
 
@@ -130,7 +129,7 @@ async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value>
     let db = fleet.db().await?;
     let expected_requests = (s.pages as f64 / f64::from(s.page_size.max(1))).ceil() as u64;
     let budget_secs = (expected_requests * s.databases) as f64 / (s.rate * s.integrations as f64);
-    let runs = wait_all(&db, &ids, Duration::from_secs_f64(budget_secs * 3.0 + 120.0)).await?;
+    let runs = wait_final(&db, &ids, Duration::from_secs_f64(budget_secs * 3.0 + 120.0)).await?;
     let stats = fleet.sim_stats().await?;
     let log: Value = reqwest::get(&log_url).await?.json().await?;
     let entries = log["entries"].as_array().cloned().unwrap_or_default();
@@ -158,12 +157,13 @@ async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value>
         / ((last - first) / 1000.0)
         / (s.rate * s.integrations as f64);
     let min = utilizations.iter().cloned().fold(f64::MAX, f64::min);
-    let failed: Vec<&str> = runs.iter().filter(|r| r.0 != "succeeded").map(|r| r.0.as_str()).collect();
+    let failed: Vec<&str> =
+        runs.iter().filter(|r| r.status != "succeeded").map(|r| r.status.as_str()).collect();
     if !failed.is_empty() {
         bail!("{}: runs ended {failed:?}", s.name);
     }
-    let pages: i64 = runs.iter().map(|r| r.1).sum();
-    let elapsed = runs.iter().map(|r| r.2).fold(0.0, f64::max);
+    let pages: i64 = runs.iter().map(|r| r.pages).sum();
+    let elapsed = runs.iter().map(|r| r.elapsed).fold(0.0, f64::max);
     let mut line = json!({
         "scenario": s.name,
         "utilization": round(aggregate),
@@ -198,30 +198,56 @@ async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value>
     Ok(line)
 }
 
-/// (status, pages, seconds from enqueue to finish) of each database's latest run, once final.
-async fn wait_all(
+/// A run's figures, as `sync_runs` records them.
+#[derive(Debug, Clone)]
+pub struct RunFigures {
+    pub status: String,
+    pub pages: i64,
+    pub created: i64,
+    pub updated: i64,
+    pub requests: i64,
+    pub rate_limited: i64,
+    /// From enqueue to the final commit, per PostgreSQL's clock.
+    pub elapsed: f64,
+}
+
+/// The latest run of a database, if it has one.
+pub async fn latest_run(db: &DatabaseConnection, database_id: Uuid) -> anyhow::Result<Option<RunFigures>> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT status, pages_seen, pages_created, pages_updated, requests, rate_limited, \
+                    EXTRACT(EPOCH FROM (finished_at - enqueued_at))::float8 AS elapsed \
+             FROM sync_runs WHERE database_id = $1 ORDER BY enqueued_at DESC LIMIT 1",
+            [database_id.into()],
+        ))
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(RunFigures {
+        status: row.try_get("", "status")?,
+        pages: row.try_get("", "pages_seen")?,
+        created: row.try_get("", "pages_created")?,
+        updated: row.try_get("", "pages_updated")?,
+        requests: row.try_get("", "requests")?,
+        rate_limited: row.try_get("", "rate_limited")?,
+        elapsed: row.try_get::<Option<f64>>("", "elapsed")?.unwrap_or_default(),
+    }))
+}
+
+/// Waits until the latest run of every database in `ids` is final; their figures, in order.
+pub async fn wait_final(
     db: &DatabaseConnection,
     ids: &[Uuid],
     timeout: Duration,
-) -> anyhow::Result<Vec<(String, i64, f64)>> {
+) -> anyhow::Result<Vec<RunFigures>> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut done = Vec::new();
         for id in ids {
-            let row = db
-                .query_one_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "SELECT status, pages_seen, EXTRACT(EPOCH FROM (finished_at - enqueued_at))::float8 AS elapsed \
-                     FROM sync_runs WHERE database_id = $1 ORDER BY enqueued_at DESC LIMIT 1",
-                    [(*id).into()],
-                ))
-                .await?;
-            if let Some(row) = row {
-                let status: String = row.try_get("", "status")?;
-                if syncfleet_shared::db::entities::sync_run::status::is_final(&status) {
-                    let elapsed: Option<f64> = row.try_get("", "elapsed")?;
-                    done.push((status, row.try_get("", "pages_seen")?, elapsed.unwrap_or_default()));
-                }
+            if let Some(run) = latest_run(db, *id).await?
+                && syncfleet_shared::db::entities::sync_run::status::is_final(&run.status)
+            {
+                done.push(run);
             }
         }
         if done.len() == ids.len() {
@@ -230,7 +256,7 @@ async fn wait_all(
         if Instant::now() > deadline {
             bail!("{} of {} runs finished within {timeout:?}", done.len(), ids.len());
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -240,9 +266,9 @@ async fn synced(fleet: &mut Fleet) -> anyhow::Result<(Vec<Uuid>, DatabaseConnect
     fleet.spawn_workers(1, 4)?;
     let db = fleet.db().await?;
     fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
-    let full = wait_all(&db, &ids, Duration::from_secs(1800)).await?;
-    if let Some(bad) = full.iter().find(|r| r.0 != "succeeded") {
-        bail!("the first full sync ended {}", bad.0);
+    let full = wait_final(&db, &ids, Duration::from_secs(1800)).await?;
+    if let Some(bad) = full.iter().find(|r| r.status != "succeeded") {
+        bail!("the first full sync ended {}", bad.status);
     }
     Ok((ids, db))
 }
@@ -270,42 +296,28 @@ pub async fn run_incremental(pages: u64, edits: u64) -> anyhow::Result<Vec<Value
             }
             let before = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default();
             fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Incremental).await?;
-            let runs = wait_all(&db, &ids, Duration::from_secs(600)).await?;
-            let run = latest(&db, ids[0]).await?;
+            let runs = wait_final(&db, &ids, Duration::from_secs(600)).await?;
+            let run = &runs[0];
             let requests = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default() - before;
             let target = if edit > 0 { edit.div_ceil(100) + 2 } else { 2 };
             lines.push(json!({
                 "scenario": scenario,
                 "synced_pages": pages,
                 "edits": edit,
-                "status": runs[0].0,
+                "status": run.status,
                 "requests": requests,
                 "requests_target_max": target,
-                "rows_written": run.0 + run.1,
-                "pages_read": run.2,
-                "elapsed_s": round(runs[0].2),
+                "rows_written": run.created + run.updated,
+                "pages_read": run.pages,
+                "elapsed_s": round(run.elapsed),
                 "date": chrono::Utc::now().to_rfc3339(),
             }));
         }
         Ok(lines)
     }
     .await;
-    fleet.stop().await;
-    crate::fleet::drop_database(name).await;
+    fleet.discard().await;
     result
-}
-
-/// (created, updated, seen) of the database's latest run.
-async fn latest(db: &DatabaseConnection, id: Uuid) -> anyhow::Result<(i64, i64, i64)> {
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT pages_created, pages_updated, pages_seen FROM sync_runs WHERE database_id = $1 ORDER BY enqueued_at DESC LIMIT 1",
-            [id.into()],
-        ))
-        .await?
-        .context("no run")?;
-    Ok((row.try_get("", "pages_created")?, row.try_get("", "pages_updated")?, row.try_get("", "pages_seen")?))
 }
 
 /// `single-database-latency`: one large database (first synced with the limit off), then
@@ -341,7 +353,7 @@ pub async fn run_single_database_latency(pages: u64) -> anyhow::Result<Vec<Value
             let since_ms =
                 reqwest::get(&log_url).await?.json::<Value>().await?["now_ms"].as_f64().unwrap_or_default();
             fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
-            let runs = wait_all(&db, &ids, Duration::from_secs(3600)).await?;
+            let runs = wait_final(&db, &ids, Duration::from_secs(3600)).await?;
             let log: Value = reqwest::get(&log_url).await?.json().await?;
             let tokens =
                 per_token(log["entries"].as_array().map(Vec::as_slice).unwrap_or_default(), since_ms);
@@ -352,13 +364,13 @@ pub async fn run_single_database_latency(pages: u64) -> anyhow::Result<Vec<Value
                 "scenario": "single-database-latency",
                 "max_chains": max_chains,
                 "pages": pages,
-                "status": runs[0].0,
+                "status": runs[0].status,
                 "utilization": round(utilization),
                 "admitted_requests": n,
                 "rate_limited": fleet.sim_stats().await?["rate_limited_total"],
-                "elapsed_s": round(runs[0].2),
+                "elapsed_s": round(runs[0].elapsed),
                 "floor_for_requests_made_s": round(floor),
-                "ratio_to_floor": round(runs[0].2 / floor),
+                "ratio_to_floor": round(runs[0].elapsed / floor),
                 "latency_ms": 400,
                 "rate": rate,
                 "date": chrono::Utc::now().to_rfc3339(),
@@ -367,8 +379,7 @@ pub async fn run_single_database_latency(pages: u64) -> anyhow::Result<Vec<Value
         Ok(lines)
     }
     .await;
-    fleet.stop().await;
-    crate::fleet::drop_database(name).await;
+    fleet.discard().await;
     result
 }
 

@@ -258,6 +258,13 @@ impl Fleet {
         self.reset_queues().await;
     }
 
+    /// Stops everything and drops the fleet's database (benchmarks leave nothing behind).
+    pub async fn discard(self) {
+        let name = self.options.name.clone();
+        self.stop().await;
+        drop_database(&name).await;
+    }
+
     /// Stops the worker processes (SIGTERM, then kill after 20 s).
     pub async fn stop_workers(&mut self) {
         for child in &self.workers {

@@ -284,9 +284,10 @@ impl TestEnv {
     }
 
     /// POSTs to a simulator admin endpoint.
-    /// Requests the simulator logged for endpoints containing `endpoint` (e.g. `query`).
-    pub async fn sim_request_count(&self, endpoint: &str) -> anyhow::Result<usize> {
-        let log = self.sim_admin_get("requests").await?;
+    /// Requests the simulator logged, at or after `since_ms` on its clock, for endpoints
+    /// containing `endpoint` (e.g. `query`).
+    pub async fn sim_request_count(&self, endpoint: &str, since_ms: f64) -> anyhow::Result<usize> {
+        let log = self.sim_admin_get(&format!("requests?since_ms={since_ms}")).await?;
         Ok(log["entries"]
             .as_array()
             .map(|entries| {

@@ -197,16 +197,7 @@ async fn sync_once(
     let prepared = match crate::schema::prepare(&ctx.db, &session, &database, fence).await {
         Ok(p) => p,
         Err(e) => {
-            // The failed schema read's requests still count in the run.
-            let (requests, rate_limited) = session.stats().take();
-            let delta = runs::RunDelta {
-                requests: requests as i64,
-                rate_limited: rate_limited as i64,
-                ..Default::default()
-            };
-            if let Err(db_error) = runs::record_progress(&ctx.db, job.id, &delta, None).await {
-                tracing::warn!(error = %db_error, "Could not record the failed attempt's request counts.");
-            }
+            crate::sync::record_unsaved_requests(&ctx.db, job.id, &session).await;
             return Err(e);
         }
     };

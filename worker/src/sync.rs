@@ -135,16 +135,7 @@ impl SyncRun {
         let (run_started, mut summary) = match tokio::join!(readers, writer) {
             (Ok(starts), Ok(summary)) => (starts.into_iter().min().unwrap_or_else(Utc::now), summary),
             (Err(e), _) | (_, Err(e)) => {
-                // Requests made since the last committed batch still count.
-                let (requests, rate_limited) = self.session.stats().take();
-                let delta = RunDelta {
-                    requests: requests as i64,
-                    rate_limited: rate_limited as i64,
-                    ..RunDelta::default()
-                };
-                if let Err(db_error) = runs::record_progress(&self.db, self.run_id, &delta, None).await {
-                    tracing::warn!(error = %db_error, "Could not record the failed attempt's request counts.");
-                }
+                record_unsaved_requests(&self.db, self.run_id, &self.session).await;
                 return Err(e);
             }
         };
@@ -443,6 +434,17 @@ impl SyncRun {
         self.metrics.pages_changed(0, 0, 0, deleted, 0);
         *summary += delta;
         Ok(())
+    }
+}
+
+/// Records the requests a failed attempt made since its last committed batch, so the run's
+/// counters still include them.
+pub async fn record_unsaved_requests(db: &DatabaseConnection, run_id: Uuid, session: &NotionSession) {
+    let (requests, rate_limited) = session.stats().take();
+    let delta =
+        RunDelta { requests: requests as i64, rate_limited: rate_limited as i64, ..RunDelta::default() };
+    if let Err(e) = runs::record_progress(db, run_id, &delta, None).await {
+        tracing::warn!(error = %e, "Could not record the failed attempt's request counts.");
     }
 }
 

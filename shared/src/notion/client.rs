@@ -73,6 +73,8 @@ pub struct Response<T> {
 pub struct NotionClient {
     http: reqwest::Client,
     base_url: String,
+    /// `host[:port]` of the base URL, for the `server.address` span attribute.
+    server_address: String,
     version: String,
     metrics: Arc<Metrics>,
 }
@@ -98,12 +100,14 @@ impl NotionClient {
                 endpoint: "client",
                 message: e.to_string(),
             })?;
-        Ok(Self {
-            http,
-            base_url: settings.base_url.trim_end_matches('/').to_string(),
-            version: settings.version.clone(),
-            metrics,
-        })
+        let base_url = settings.base_url.trim_end_matches('/').to_string();
+        let server_address = url::Url::parse(&base_url)
+            .ok()
+            .and_then(|u| {
+                u.host_str().map(|h| u.port().map_or_else(|| h.to_string(), |p| format!("{h}:{p}")))
+            })
+            .unwrap_or_default();
+        Ok(Self { http, server_address, base_url, version: settings.version.clone(), metrics })
     }
 
     pub fn base_url(&self) -> &str {
@@ -112,8 +116,7 @@ impl NotionClient {
 
     /// `host[:port]` of the base URL, for the `server.address` span attribute.
     pub fn server_address(&self) -> &str {
-        let rest = self.base_url.split("://").nth(1).unwrap_or(&self.base_url);
-        rest.split('/').next().unwrap_or(rest)
+        &self.server_address
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::json;
-use syncfleet_tests::bench::{self, BudgetScenario};
+use syncfleet_tests::bench::{self, BudgetScenario, round};
 use syncfleet_tests::fleet::{Fleet, FleetOptions, peak_rss_bytes};
-use uuid::Uuid;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -86,55 +85,6 @@ async fn main() -> ExitCode {
     }
 }
 
-/// A finished run's figures.
-struct RunFigures {
-    status: String,
-    pages: i64,
-    requests: i64,
-    rate_limited: i64,
-    /// From enqueue to the final commit, per PostgreSQL's clock.
-    elapsed: f64,
-}
-
-async fn latest_run(db: &DatabaseConnection, database_id: Uuid) -> anyhow::Result<Option<RunFigures>> {
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT status, pages_seen, requests, rate_limited, \
-                    EXTRACT(EPOCH FROM (finished_at - enqueued_at))::float8 AS elapsed \
-             FROM sync_runs WHERE database_id = $1 ORDER BY enqueued_at DESC LIMIT 1",
-            [database_id.into()],
-        ))
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    Ok(Some(RunFigures {
-        status: row.try_get("", "status")?,
-        pages: row.try_get("", "pages_seen")?,
-        requests: row.try_get("", "requests")?,
-        rate_limited: row.try_get("", "rate_limited")?,
-        elapsed: row.try_get::<Option<f64>>("", "elapsed")?.unwrap_or_default(),
-    }))
-}
-
-async fn wait_final(
-    db: &DatabaseConnection,
-    database_id: Uuid,
-    timeout: Duration,
-) -> anyhow::Result<RunFigures> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(run) = latest_run(db, database_id).await?
-            && syncfleet_shared::db::entities::sync_run::status::is_final(&run.status)
-        {
-            return Ok(run);
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the run did not finish within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// What the demo measured.
 struct DemoFigures {
     pages: i64,
@@ -166,7 +116,7 @@ async fn demo_steps(fleet: &mut Fleet, pages: u64, rate: f64, workers: usize) ->
     let id = database_id.to_string();
     fleet.producer(&["enqueue", "--database", &id, "--mode", "full", "--wait"], &[], true).await?;
     let db = fleet.db().await?;
-    let run = wait_final(&db, database_id, Duration::from_secs(60)).await?;
+    let run = bench::wait_final(&db, &[database_id], Duration::from_secs(60)).await?.remove(0);
     let stats = fleet.sim_stats().await?;
     let minimum = (pages as f64 / 100.0).ceil() / rate;
     // The sync also reads the schema and completes relations over 25 items; with the burst of 3
@@ -278,10 +228,6 @@ async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn round(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 /// `unthrottled`: one worker process, the simulator's limit off; pages/s end to end and peak RSS.
 async fn unthrottled(pages: u64) -> anyhow::Result<()> {
     let options = FleetOptions { burst: 100, ..FleetOptions::new("syncfleet_bench_unthrottled", pages, 0.0) };
@@ -295,7 +241,7 @@ async fn unthrottled(pages: u64) -> anyhow::Result<()> {
         let id = database_id.to_string();
         fleet.producer(&["enqueue", "--database", &id, "--mode", "full"], &[], false).await?;
         let db = fleet.db().await?;
-        let run = wait_final(&db, database_id, Duration::from_secs(1800)).await?;
+        let run = bench::wait_final(&db, &[database_id], Duration::from_secs(1800)).await?.remove(0);
         let rss = peak_rss_bytes(pid).unwrap_or_default();
         let rows = db
             .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT count(*) AS n FROM notion_pages"))
@@ -313,8 +259,7 @@ async fn unthrottled(pages: u64) -> anyhow::Result<()> {
         Ok(())
     }
     .await;
-    fleet.stop().await;
-    syncfleet_tests::fleet::drop_database("syncfleet_bench_unthrottled").await;
+    fleet.discard().await;
     result
 }
 

@@ -104,6 +104,11 @@ async fn a_429_pauses_every_process_for_retry_after() {
     env.cleanup().await;
 }
 
+/// Puts a hash (the wrong type) where the budget keeps a number.
+async fn hash_at(conn: &mut deadpool_redis::Connection, key: &str) {
+    let _: () = redis::cmd("HSET").arg(key).arg("f").arg("v").query_async(conn).await.expect("hset");
+}
+
 #[tokio::test]
 async fn a_corrupted_budget_key_is_reset_instead_of_failing_every_request() {
     use syncfleet_shared::budget::BudgetKey;
@@ -114,13 +119,7 @@ async fn a_corrupted_budget_key_is_reset_instead_of_failing_every_request() {
     let key = BudgetKey { integration: "acme".into(), rate: RATE, burst: BURST };
     let mut conn = pool.get().await.expect("conn");
     // A hash where a number belongs (wrong type), then a garbage string: both are repaired.
-    let _: () = redis::cmd("HSET")
-        .arg(budget.key("acme"))
-        .arg("f")
-        .arg("v")
-        .query_async(&mut conn)
-        .await
-        .expect("hset");
+    hash_at(&mut conn, &budget.key("acme")).await;
     tokio::time::timeout(SHORT_WAIT, budget.acquire(&key))
         .await
         .expect("in time")
@@ -138,13 +137,7 @@ async fn a_corrupted_budget_key_is_reset_instead_of_failing_every_request() {
     let stored: String = redis::cmd("GET").arg(budget.key("acme")).query_async(&mut conn).await.expect("get");
     assert!(stored.parse::<i64>().is_ok(), "{stored}");
     let _: () = redis::cmd("DEL").arg(budget.key("acme")).query_async(&mut conn).await.expect("del");
-    let _: () = redis::cmd("HSET")
-        .arg(budget.key("acme"))
-        .arg("f")
-        .arg("v")
-        .query_async(&mut conn)
-        .await
-        .expect("hset");
+    hash_at(&mut conn, &budget.key("acme")).await;
     budget.pause(&key, Duration::from_millis(300)).await.expect("a pause over a corrupted key works too");
     assert!(budget.paused_for(&key).await.expect("pttl") > Duration::ZERO);
     let _: () = redis::cmd("DEL")

@@ -271,13 +271,7 @@ async fn after_kill_9_halfway_through_twenty_thousand_pages_the_job_resumes_from
     env.spawn_worker(1).expect("worker B");
     let done = env.wait_run(run, LONG).await.expect("B finishes");
     assert_eq!(done.status, "succeeded", "{done:?}");
-    let log = env.sim_admin_get(&format!("requests?since_ms={killed_at}")).await.expect("log");
-    let queries = log["entries"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .filter(|e| e["endpoint"].as_str().is_some_and(|s| s.contains("query")))
-        .count() as i64;
+    let queries = env.sim_request_count("query", killed_at).await.expect("request log") as i64;
     eprintln!("after the crash: {queries} query requests for {} remaining pages", 20_000 - seen);
     let remaining = 20_000 - seen;
     assert!(

@@ -47,7 +47,7 @@ async fn sigterm_mid_sync_requeues_and_a_new_worker_finishes_without_loss_or_dup
     assert_eq!((n, d), (pages as i64, pages as i64));
     // The resumed attempt re-reads at most the checkpoint's minute, not the whole database.
     // (The run's own count also has a schema read per attempt and relation completions.)
-    let queries = env.sim_request_count("query").await.expect("request log");
+    let queries = env.sim_request_count("query", 0.0).await.expect("request log");
     assert!(queries <= 30 + 3, "{queries} query requests: {done:?}");
     assert!(env.log().contains("Resuming from the run's checkpoint"));
     tokio::time::sleep(Duration::from_millis(10)).await;
