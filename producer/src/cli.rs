@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use syncfleet_shared::Settings;
 use uuid::Uuid;
 
 use crate::commands;
+use crate::commands::database::MapArgs;
+use crate::commands::enqueue::EnqueueArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,6 +46,22 @@ pub enum Command {
         /// Where to serve /metrics, /healthz and /readyz (also SYNCFLEET_METRICS_ADDR).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Where to serve the HTTP API and the status page (also SYNCFLEET_API__ADDR); needs
+        /// at least one token in SYNCFLEET_API__TOKENS or api.token_file.
+        #[arg(long)]
+        api_addr: Option<std::net::SocketAddr>,
+    },
+    /// Print the OpenAPI document of the HTTP API.
+    Openapi,
+    /// Run history and live progress (the API's `/v1/runs`, `/v1/jobs/{id}` and events).
+    #[command(subcommand)]
+    Runs(crate::commands::runs::RunsCommand),
+    /// Runs, success rate, durations and pages over the last hours (the API's `/v1/stats`).
+    Stats {
+        #[arg(long, default_value_t = 24)]
+        hours: u32,
+        #[arg(long)]
+        json: bool,
     },
     /// Show databases and their latest runs.
     Status {
@@ -88,54 +106,27 @@ pub enum DatabaseCommand {
         /// Schedule an incremental sync every this many seconds.
         #[arg(long)]
         interval_secs: Option<u32>,
+        /// Print the registered database as JSON.
+        #[arg(long)]
+        json: bool,
     },
+    /// List the mirrored databases (the API's `GET /v1/databases`).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one database (the API's `GET /v1/databases/{id}`).
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a database's schedule, mapping or whether it is scheduled (the API's
+    /// `PATCH /v1/databases/{id}`).
+    Update(crate::commands::runs::UpdateArgs),
     /// Set how one property appears in the database's typed view, and how its values are
     /// validated. The next sync regenerates the view. Without options it prints the mapping.
     Map(MapArgs),
-}
-
-#[derive(clap::Args, Debug)]
-pub struct MapArgs {
-    #[arg(long)]
-    pub database: Uuid,
-    /// The property's Notion id or current name.
-    #[arg(long)]
-    pub property: Option<String>,
-    /// The view column's name.
-    #[arg(long)]
-    pub column: Option<String>,
-    /// Leave the property out of the view.
-    #[arg(long)]
-    pub skip: bool,
-    /// enum_text (select/status), integer (number) or date_only (date).
-    #[arg(long, value_parser = ["enum_text", "integer", "date_only"])]
-    pub transform: Option<String>,
-    /// Pages with an empty value go to sync_page_errors instead of the table.
-    #[arg(long)]
-    pub required: bool,
-    /// Remove the property's rule.
-    #[arg(long)]
-    pub clear: bool,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModeArg {
-    Full,
-    Incremental,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct EnqueueArgs {
-    #[arg(long)]
-    pub database: Uuid,
-    #[arg(long, value_enum, default_value = "incremental")]
-    pub mode: ModeArg,
-    /// Show a progress bar until the run ends; exit non-zero if it fails.
-    #[arg(long)]
-    pub wait: bool,
-    /// Give up waiting after this many seconds.
-    #[arg(long, default_value_t = 6 * 3600)]
-    pub timeout_secs: u64,
 }
 
 /// Runs the parsed command.
@@ -163,17 +154,35 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
         Command::Integration(IntegrationCommand::Add { slug, workspace, rate, burst, token_stdin }) => {
             commands::integration::add(&settings, &slug, workspace, rate, burst, token_stdin).await
         }
-        Command::Database(DatabaseCommand::Add { integration, id, data_source, interval_secs }) => {
-            commands::database::add(&settings, &integration, id, data_source, interval_secs).await
+        Command::Database(DatabaseCommand::Add { integration, id, data_source, interval_secs, json }) => {
+            commands::database::add(&settings, &integration, id, data_source, interval_secs, json).await
+        }
+        Command::Database(DatabaseCommand::List { json }) => {
+            commands::runs::list_databases(&settings, json).await
+        }
+        Command::Database(DatabaseCommand::Show { id, json }) => {
+            commands::runs::show_database(&settings, &id, json).await
+        }
+        Command::Database(DatabaseCommand::Update(args)) => {
+            commands::runs::update_database(&settings, &args).await
         }
         Command::Database(DatabaseCommand::Map(args)) => commands::database::map(&settings, &args).await,
         Command::Enqueue(args) => commands::enqueue::run(&settings, &args).await,
-        Command::Serve { metrics_addr } => {
+        Command::Serve { metrics_addr, api_addr } => {
             if metrics_addr.is_some() {
                 settings.metrics_addr = metrics_addr;
+            }
+            if api_addr.is_some() {
+                settings.api.addr = api_addr;
             }
             commands::serve::run(&settings, syncfleet_shared::shutdown::signal()).await
         }
         Command::Status { json } => commands::status::run(&settings, json).await,
+        Command::Openapi => {
+            println!("{}", crate::api::openapi().to_pretty_json()?);
+            Ok(())
+        }
+        Command::Runs(command) => commands::runs::run(&settings, command).await,
+        Command::Stats { hours, json } => commands::runs::stats(&settings, hours, json).await,
     }
 }

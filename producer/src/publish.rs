@@ -1,31 +1,154 @@
 //! Publishing sync jobs: record the run as `queued`, then publish with confirms and `mandatory`,
 //! inside a `publish syncfleet.jobs` producer span whose context travels in the AMQP headers.
+//!
+//! The connection is reopened when it fails (a broker restart), with capped, jittered backoff
+//! between attempts, so a long-running `serve` keeps publishing after the broker comes back.
+//! A publish whose confirm never came is *unknown*, not failed: the broker may hold the message,
+//! and a worker will run it. Only a nack or an unroutable return marks the run failed.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use syncfleet_shared::Settings;
-use syncfleet_shared::amqp::{self, Destination, PublishMeta, Publisher, Topology};
+use syncfleet_shared::amqp::{self, AmqpError, Destination, PublishMeta, Publisher, Topology};
+use syncfleet_shared::config::AmqpSettings;
+use syncfleet_shared::db::entities::sync_run::status;
+use syncfleet_shared::db::runs::{self, StatusChange};
 use syncfleet_shared::job::{JobEnvelope, SyncDatabaseJob};
 use syncfleet_shared::metrics::Metrics;
 use syncfleet_shared::telemetry;
+use tokio::sync::Mutex;
 use tracing::Instrument;
 
-/// A connected publisher with the topology declared.
-pub struct JobPublisher {
-    _connection: lapin::Connection,
+/// An open connection with the topology declared and a confirm channel.
+struct Connected {
+    connection: lapin::Connection,
     publisher: Publisher,
+}
+
+/// When the connection is down: when to try again, and the backoff that chose it.
+struct Reconnect {
+    at: Instant,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+struct State {
+    connected: Option<Connected>,
+    reconnect: Option<Reconnect>,
+}
+
+/// A publisher that keeps its RabbitMQ connection alive.
+pub struct JobPublisher {
+    settings: AmqpSettings,
+    state: Mutex<State>,
     queue: String,
     metrics: Arc<Metrics>,
 }
 
+/// Why a job was not (certainly) published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused or could not route it, or it was never sent: the run is `failed`.
+    #[error("the job was not published: {0}")]
+    Rejected(String),
+    /// Sent, but the broker's confirm never came: it may run. The run stays `queued`.
+    #[error("the publish is unconfirmed (the job may still run): {0}")]
+    Unconfirmed(String),
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] sea_orm::DbErr),
+}
+
 impl JobPublisher {
+    /// Connects (failing fast when the broker is unreachable at start) and declares the topology.
     pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let connection = amqp::connect(&settings.amqp, "syncfleet-producer").await?;
-        let channel = connection.create_channel().await?;
-        let topology = Topology::new(&settings.amqp);
-        topology.declare(&channel).await?;
-        let publisher = Publisher::new(&connection, &settings.amqp).await?;
-        Ok(Self { _connection: connection, publisher, queue: topology.jobs_queue().to_string(), metrics })
+        let connected = open(&settings.amqp).await?;
+        let queue = Topology::new(&settings.amqp).jobs_queue();
+        Ok(Self {
+            settings: settings.amqp.clone(),
+            state: Mutex::new(State { connected: Some(connected), reconnect: None }),
+            queue,
+            metrics,
+        })
+    }
+
+    /// The current publisher, reconnecting when the connection is gone and the backoff allows.
+    async fn publisher(&self) -> Result<Publisher, AmqpError> {
+        let mut state = self.state.lock().await;
+        if let Some(c) = &state.connected
+            && c.connection.status().connected()
+        {
+            return Ok(c.publisher.clone());
+        }
+        state.connected = None;
+        if let Some(r) = &state.reconnect
+            && Instant::now() < r.at
+        {
+            let wait = r.at.saturating_duration_since(Instant::now());
+            return Err(AmqpError::Unavailable(format!("reconnecting in {wait:?}")));
+        }
+        match open(&self.settings).await {
+            Ok(c) => {
+                tracing::info!("Reconnected to RabbitMQ.");
+                self.metrics.amqp_reconnects.inc();
+                let publisher = c.publisher.clone();
+                state.connected = Some(c);
+                state.reconnect = None;
+                Ok(publisher)
+            }
+            Err(e) => {
+                let r = state.reconnect.get_or_insert_with(|| Reconnect {
+                    at: Instant::now(),
+                    delays: Box::new(syncfleet_shared::retry::delays(
+                        Duration::from_millis(500),
+                        Duration::from_secs(30),
+                    )),
+                });
+                let delay = r.delays.next().unwrap_or(Duration::from_secs(30));
+                r.at = Instant::now() + delay;
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot reach RabbitMQ.");
+                Err(e)
+            }
+        }
+    }
+
+    /// The work queue's ready messages and consumers (a passive declare on a channel of its
+    /// own, so a failure cannot close the publishing channel).
+    pub async fn queue_depth(&self) -> Result<(u32, u32), AmqpError> {
+        let channel = {
+            let state = self.state.lock().await;
+            let c = state
+                .connected
+                .as_ref()
+                .filter(|c| c.connection.status().connected())
+                .ok_or_else(|| AmqpError::Unavailable("not connected to RabbitMQ".into()))?;
+            c.connection
+                .create_channel()
+                .await
+                .map_err(|source| AmqpError::Protocol { op: "channel.open", source })?
+        };
+        let declared = channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map_err(|source| AmqpError::Protocol { op: "queue.declare", source });
+        if let Err(e) = channel.close(200, "done".into()).await {
+            tracing::debug!(error = %e, "Closing the queue-depth channel failed.");
+        }
+        let q = declared?;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    /// Drops the connection after a failure on it, so the next publish reconnects.
+    async fn discard(&self) {
+        let mut state = self.state.lock().await;
+        if let Some(c) = state.connected.take()
+            && let Err(e) = c.connection.close(200, "reconnecting".into()).await
+        {
+            tracing::debug!(error = %e, "Closing the failed RabbitMQ connection failed.");
+        }
     }
 
     /// Records the run, publishes the job and waits for the broker's confirm.
@@ -34,7 +157,7 @@ impl JobPublisher {
         db: &sea_orm::DatabaseConnection,
         source: &str,
         data: SyncDatabaseJob,
-    ) -> anyhow::Result<JobEnvelope> {
+    ) -> Result<JobEnvelope, PublishError> {
         let job = JobEnvelope::new(source, data);
         let span = tracing::info_span!(
             "publish syncfleet.jobs",
@@ -59,24 +182,58 @@ impl JobPublisher {
         db: &sea_orm::DatabaseConnection,
         job: JobEnvelope,
         span: tracing::Span,
-    ) -> anyhow::Result<JobEnvelope> {
-        syncfleet_shared::db::runs::insert_queued(db, &job).await?;
+    ) -> Result<JobEnvelope, PublishError> {
+        // No broker, no row: a job that cannot be sent leaves nothing behind to pile up.
+        let publisher = self.publisher().await.map_err(|e| PublishError::Rejected(e.to_string()))?;
+        runs::insert_queued(db, &job).await?;
         let meta = PublishMeta {
             attempt: 1,
             app_id: "syncfleet-producer".into(),
             trace_headers: telemetry::inject(&span),
         };
-        if let Err(e) = self.publisher.publish_job(&job, &Destination::Work, &meta).await {
-            let message = e.to_string();
-            let _ = syncfleet_shared::db::runs::set_status(
-                db,
-                job.id,
-                syncfleet_shared::db::entities::sync_run::status::FAILED,
-                Some(("publish_failed", &message)),
-            )
-            .await;
-            return Err(e.into());
+        let sent = publisher.publish_job(&job, &Destination::Work, &meta).await;
+        let error = match sent {
+            Ok(()) => return Ok(job),
+            Err(e) => e,
+        };
+        let message = error.to_string();
+        // Never sent, or refused: definitely not queued. A send whose confirm is missing: unknown.
+        let definite = matches!(
+            error,
+            AmqpError::Unroutable(_)
+                | AmqpError::Nacked
+                | AmqpError::Unavailable(_)
+                | AmqpError::Connect { .. }
+                | AmqpError::ConnectTimeout { .. }
+        );
+        if !definite {
+            self.discard().await;
         }
-        Ok(job)
+        let (change, failure) = if definite {
+            (
+                StatusChange::with_error(status::FAILED, "publish_failed", &message),
+                PublishError::Rejected(message.clone()),
+            )
+        } else {
+            (
+                StatusChange::with_error(status::QUEUED, "publish_unconfirmed", &message),
+                PublishError::Unconfirmed(message.clone()),
+            )
+        };
+        // The run is recorded either way (never over a run a worker already started); a failure
+        // to record it is reported instead of the cause.
+        runs::set_status_unheld(db, &job, 1, change, Duration::from_secs(86_400)).await?;
+        Err(failure)
     }
+}
+
+async fn open(settings: &AmqpSettings) -> Result<Connected, AmqpError> {
+    let connection = amqp::connect(settings, "syncfleet-producer").await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| AmqpError::Protocol { op: "channel.open", source })?;
+    Topology::new(settings).declare(&channel).await?;
+    let publisher = Publisher::new(&connection, settings).await?;
+    Ok(Connected { connection, publisher })
 }

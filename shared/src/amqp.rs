@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! <p>.jobs (direct) --sync--> <p>.jobs (quorum) --DLX <p>.dlx--> <p>.jobs.dead
-//! <p>.retry (direct) --tier--> <p>.retry.<tier> (TTL) --DLX <p>.jobs/sync--> back to work
+//! <p>.retry (direct) --<tier>.<ms>ms--> <p>.retry.<tier>.<ms>ms (TTL) --DLX <p>.jobs/sync--> back to work
 //! ```
+//! A retry tier's queue and routing key carry its delay: a queue's `x-message-ttl` cannot change
+//! once declared (RabbitMQ answers PRECONDITION_FAILED), so a changed delay is a new queue. The
+//! old one gets nothing new and empties itself as its messages expire back to work.
 //! Every name derives from one prefix, so tests and tenants get their own set. Declaring is
 //! idempotent; producer and worker both declare at start.
 
@@ -25,14 +28,17 @@ const DEAD_ROUTING_KEY: &str = "dead";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
-    #[error("cannot connect to RabbitMQ at {url}: {source}")]
-    Connect { url: String, source: lapin::Error },
+    /// `reason` is lapin's message with the URL's credentials scrubbed (it can echo the URL).
+    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
+    Connect { url: String, reason: String },
     #[error("cannot connect to RabbitMQ at {url}: no answer within {secs}s")]
     ConnectTimeout { url: String, secs: u64 },
     #[error("RabbitMQ {op} failed: {source}")]
     Protocol { op: &'static str, source: lapin::Error },
     #[error("RabbitMQ returned the message as unroutable ({0}): is the topology declared?")]
     Unroutable(String),
+    #[error("RabbitMQ is unavailable: {0}")]
+    Unavailable(String),
     #[error("RabbitMQ refused the message (nack)")]
     Nacked,
     #[error("RabbitMQ did not confirm the publish within {0:?}")]
@@ -50,7 +56,10 @@ pub async fn connect(settings: &AmqpSettings, connection_name: &str) -> Result<C
     let connect = Connection::connect(url, props);
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(source)) => Err(AmqpError::Connect { url: settings.display_url(), source }),
+        Ok(Err(source)) => Err(AmqpError::Connect {
+            url: settings.display_url(),
+            reason: crate::secret::scrub(&source.to_string(), url),
+        }),
         Err(_) => Err(AmqpError::ConnectTimeout { url: settings.display_url(), secs: 10 }),
     }
 }
@@ -77,7 +86,11 @@ impl Topology {
         format!("{}.retry", self.prefix)
     }
     pub fn retry_queue(&self, tier: &RetryTier) -> String {
-        format!("{}.retry.{}", self.prefix, tier.name)
+        format!("{}.retry.{}", self.prefix, Self::tier_key(tier))
+    }
+    /// The routing key of a tier on the retry exchange: its name and delay.
+    pub fn tier_key(tier: &RetryTier) -> String {
+        format!("{}.{}ms", tier.name, tier.delay_ms)
     }
     pub fn dead_exchange(&self) -> String {
         format!("{}.dlx", self.prefix)
@@ -134,7 +147,7 @@ impl Topology {
                 .queue_declare(queue.clone().into(), queue_opts, args)
                 .await
                 .map_err(protocol("queue.declare"))?;
-            self.bind(channel, &queue, &self.retry_exchange(), &tier.name).await?;
+            self.bind(channel, &queue, &self.retry_exchange(), &Self::tier_key(tier)).await?;
         }
         Ok(())
     }
@@ -219,6 +232,11 @@ impl Publisher {
         })
     }
 
+    /// Whether the confirm channel is still usable (a channel-level error closes it for good).
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Publishes a job (persistent, mandatory) and waits for the confirm.
     pub async fn publish_job(
         &self,
@@ -239,7 +257,7 @@ impl Publisher {
         }
         let (exchange, key) = match destination {
             Destination::Work => (self.topology.jobs_exchange(), ROUTING_KEY.to_string()),
-            Destination::Retry(tier) => (self.topology.retry_exchange(), tier.name.clone()),
+            Destination::Retry(tier) => (self.topology.retry_exchange(), Topology::tier_key(tier)),
             Destination::Dead { reason } => {
                 headers.insert(DEAD_REASON_HEADER.into(), long_string(reason));
                 (self.topology.dead_exchange(), DEAD_ROUTING_KEY.to_string())
@@ -319,13 +337,22 @@ pub fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
 
 /// Reads a string header, e.g. `traceparent`.
 /// When the message was published, as Unix milliseconds, from the best source it carries.
+/// Values a publisher could not have meant (before 2000, or far in the future) are ignored.
 pub fn published_at_ms(props: &BasicProperties) -> Option<i64> {
     let precise = props.headers().as_ref().and_then(|h| match h.inner().get(PUBLISHED_MS_HEADER)? {
         AMQPValue::LongLongInt(v) => Some(*v),
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
         _ => None,
     });
-    precise.or_else(|| props.timestamp().map(|s| (s as i64).saturating_mul(1000)))
+    let coarse = props.timestamp().and_then(|s| i64::try_from(s).ok()).and_then(|s| s.checked_mul(1000));
+    const Y2000_MS: i64 = 946_684_800_000;
+    let plausible = |ms: &i64| *ms >= Y2000_MS && *ms <= chrono::Utc::now().timestamp_millis() + 86_400_000;
+    precise.filter(plausible).or(coarse.filter(plausible))
+}
+
+/// Seconds between a publish time and now, never negative, never overflowing.
+pub fn queue_wait_secs(published_ms: i64, now_ms: i64) -> f64 {
+    now_ms.checked_sub(published_ms).map_or(0.0, |d| d.max(0) as f64 / 1000.0)
 }
 
 /// The W3C trace-context headers a message carries.

@@ -26,6 +26,10 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub sync: SyncSettings,
     pub scheduler: SchedulerSettings,
+    /// Failure notifications to a Slack-compatible webhook.
+    pub notify: NotifySettings,
+    /// The control-plane HTTP API served by `syncfleet-producer serve`.
+    pub api: ApiSettings,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (e.g. `0.0.0.0:9090`); off when unset.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Base64 of the 32-byte AES-256-GCM key that encrypts Notion tokens at rest.
@@ -70,17 +74,61 @@ impl DatabaseSettings {
     }
 }
 
+/// How Redis is deployed.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server at `redis.url`.
+    #[default]
+    Standalone,
+    /// `redis.url` lists the sentinels; they name the current primary of `redis.sentinel_master`.
+    Sentinel,
+    /// `redis.url` lists seed nodes of a Redis Cluster.
+    Cluster,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct RedisSettings {
+    pub mode: RedisMode,
+    /// One URL; in `sentinel` and `cluster` mode a comma-separated list of them.
     pub url: SecretString,
+    /// Sentinel mode: the monitored primary's name (`sentinel monitor <name> …`).
+    pub sentinel_master: String,
+    /// Sentinel mode: the primary's and replicas' password, when it differs from the one in the
+    /// first sentinel URL (which is used otherwise).
+    pub node_password: Option<SecretString>,
+    /// Sentinel mode: the primary's user, when ACLs are in use.
+    pub node_username: Option<String>,
+    /// Sentinel mode: the database number on the primary.
+    pub db: i64,
     /// Prefix of every Redis key this process touches; tests use their own.
     pub key_prefix: String,
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: SecretString::from("redis://127.0.0.1:6379"), key_prefix: "syncfleet".into() }
+        Self {
+            mode: RedisMode::Standalone,
+            url: SecretString::from("redis://127.0.0.1:6379"),
+            sentinel_master: "mymaster".into(),
+            node_password: None,
+            node_username: None,
+            db: 0,
+            key_prefix: "syncfleet".into(),
+        }
+    }
+}
+
+impl RedisSettings {
+    /// The URLs in `url` (one, or a comma-separated list), trimmed.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url.expose_secret().split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+    }
+
+    /// The URLs with any password masked, for errors and logs.
+    pub fn display_url(&self) -> String {
+        self.urls().into_iter().map(redact_url).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -136,6 +184,15 @@ pub struct NotionSettings {
     pub max_transient_retries: u32,
     /// Longest total time one request may spend waiting on `Retry-After`s before giving up.
     pub max_rate_wait_secs: u64,
+    /// A `Retry-After` above this is capped (and logged): Notion documents up to 60 s per
+    /// integration and more for workspace limits; a hostile or broken value must not stall a
+    /// job for days or overflow a timer.
+    pub max_retry_after_secs: u64,
+    /// The optional second budget shared by the integrations of one workspace (those registered
+    /// with `--workspace`), requests per second; 0 leaves it off. Either way, a 429 whose
+    /// `rate_limit_reason` names the workspace limit pauses every integration of the workspace.
+    pub workspace_rate: f64,
+    pub workspace_burst: u32,
     /// The fleet-wide circuit breaker per integration (state in Redis).
     pub circuit: CircuitSettings,
 }
@@ -164,6 +221,9 @@ impl Default for NotionSettings {
             timeout_secs: 30,
             max_transient_retries: 4,
             max_rate_wait_secs: 900,
+            max_retry_after_secs: 300,
+            workspace_rate: 0.0,
+            workspace_burst: 3,
             circuit: CircuitSettings::default(),
         }
     }
@@ -181,11 +241,14 @@ pub struct WorkerSettings {
     /// Lease of the per-database lock; renewed every third of it. A crashed worker's lock frees
     /// itself after this long.
     pub lease_secs: u64,
+    /// `/healthz` fails once the process's main loop has not reported for this long (a wedged
+    /// process is restarted by its supervisor).
+    pub liveness_stale_secs: u64,
 }
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        Self { concurrency: 4, id: None, shutdown_grace_secs: 25, lease_secs: 30 }
+        Self { concurrency: 4, id: None, shutdown_grace_secs: 25, lease_secs: 30, liveness_stale_secs: 60 }
     }
 }
 
@@ -201,11 +264,24 @@ pub struct SyncSettings {
     pub default_burst: u32,
     /// Most `created_time` ranges one full sync of a large database reads at once (1 = never split).
     pub max_chains: u8,
+    /// Confirm every deletion candidate of a full run with `GET /v1/pages/{id}` (one request
+    /// each, under the budget) before marking it deleted: a query walk is not a snapshot.
+    pub confirm_deletions: bool,
+    /// At most this many confirmations per run; the other candidates wait for the next full run.
+    pub max_deletion_checks: u32,
 }
 
 impl Default for SyncSettings {
     fn default() -> Self {
-        Self { page_size: 100, overlap_secs: 120, default_rate: 3.0, default_burst: 3, max_chains: 4 }
+        Self {
+            page_size: 100,
+            overlap_secs: 120,
+            default_rate: 3.0,
+            default_burst: 3,
+            max_chains: 4,
+            confirm_deletions: true,
+            max_deletion_checks: 2000,
+        }
     }
 }
 
@@ -226,12 +302,113 @@ pub struct SchedulerSettings {
     /// The incremental interval of databases registered without `--interval-secs`; `0` means
     /// such databases are synced only on demand.
     pub default_interval_secs: u64,
+    /// After a failed run, a database waits this long before the scheduler tries it again,
+    /// doubling with each consecutive failure up to `failure_backoff_max_secs`.
+    pub failure_backoff_secs: u64,
+    pub failure_backoff_max_secs: u64,
+    /// The reaper (leader only) moves a `running` run without a heartbeat for this long to
+    /// `abandoned`, so its database is scheduled again.
+    pub reap_running_after_secs: u64,
 }
 
 impl Default for SchedulerSettings {
     fn default() -> Self {
-        Self { tick_secs: 5, full_every_secs: 24 * 3600, default_interval_secs: 0 }
+        Self {
+            tick_secs: 5,
+            full_every_secs: 24 * 3600,
+            default_interval_secs: 0,
+            failure_backoff_secs: 60,
+            failure_backoff_max_secs: 6 * 3600,
+            reap_running_after_secs: 180,
+        }
     }
+}
+
+/// Where and how often permanent failures are announced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NotifySettings {
+    /// A Slack-compatible incoming-webhook URL (it embeds a secret); notifications are off when
+    /// unset.
+    pub webhook_url: Option<SecretString>,
+    /// One notification per database × error kind within this window (fleet-wide, in Redis).
+    pub dedupe_secs: u64,
+    /// At most this many notifications a minute, fleet-wide.
+    pub max_per_minute: u32,
+    /// Delivery attempts per notification (jittered backoff between them) before it is dropped
+    /// and counted as failed.
+    pub attempts: u32,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        Self { webhook_url: None, dedupe_secs: 3600, max_per_minute: 10, attempts: 6 }
+    }
+}
+
+/// The HTTP API (`syncfleet-producer serve --api-addr`): bearer tokens, and where it listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ApiSettings {
+    /// Where to serve the API and the status page (e.g. `0.0.0.0:8080`); off when unset.
+    pub addr: Option<std::net::SocketAddr>,
+    /// Accepted bearer tokens: a list, or one string of tokens separated by commas or
+    /// whitespace (`SYNCFLEET_API__TOKENS=tok1,tok2`).
+    #[serde(deserialize_with = "token_list")]
+    pub tokens: Vec<SecretString>,
+    /// A file of tokens, one a line (a mounted Kubernetes secret); re-read on every start.
+    pub token_file: Option<std::path::PathBuf>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self { addr: None, tokens: Vec::new(), token_file: None, max_body_bytes: 64 * 1024 }
+    }
+}
+
+impl ApiSettings {
+    /// Every accepted token: `tokens` and the lines of `token_file` (blank lines and lines
+    /// starting with `#` skipped). An unreadable file is an error naming the file, never its content.
+    pub fn all_tokens(&self) -> Result<Vec<SecretString>, ConfigError> {
+        let mut out: Vec<SecretString> =
+            self.tokens.iter().filter(|t| !t.expose_secret().trim().is_empty()).cloned().collect();
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                key: "api.token_file",
+                reason: format!("{} cannot be read: {}", path.display(), e.kind()),
+            })?;
+            out.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(|l| SecretString::from(l.to_string())),
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn token_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Tokens {
+        List(Vec<String>),
+        One(String),
+    }
+    let tokens = match Tokens::deserialize(d)? {
+        Tokens::List(list) => list,
+        Tokens::One(text) => {
+            text.split(|c: char| c == ',' || c.is_whitespace()).map(str::to_string).collect()
+        }
+    };
+    Ok(tokens
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|t| SecretString::from(t.to_string()))
+        .collect())
 }
 
 /// Why settings could not be loaded. Never carries a secret value.
@@ -300,17 +477,74 @@ impl Settings {
                 reason: "must be at least 1".into(),
             });
         }
-        if url::Url::parse(&self.notion.base_url).is_err() {
-            return Err(ConfigError::Invalid { key: "notion.base_url", reason: "is not a URL".into() });
-        }
-        for (key, value) in [
-            ("database.url", &self.database.url),
-            ("redis.url", &self.redis.url),
-            ("amqp.url", &self.amqp.url),
-        ] {
-            if url::Url::parse(value.expose_secret()).is_err() {
-                return Err(ConfigError::Invalid { key, reason: "is not a URL".into() });
+        match url::Url::parse(&self.notion.base_url) {
+            Ok(u) if u.has_host() && crate::secret::has_authority(&self.notion.base_url) => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    return Err(ConfigError::Invalid {
+                        key: "notion.base_url",
+                        reason: "must not carry credentials (they would reach logs and errors)".into(),
+                    });
+                }
             }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "notion.base_url",
+                    reason: "is not an http(s)://host URL".into(),
+                });
+            }
+        }
+        let redis_urls = self.redis.urls();
+        let redis_count_ok = match self.redis.mode {
+            RedisMode::Standalone => redis_urls.len() == 1,
+            RedisMode::Sentinel | RedisMode::Cluster => !redis_urls.is_empty(),
+        };
+        if !redis_count_ok {
+            return Err(ConfigError::Invalid {
+                key: "redis.url",
+                reason: "must be one URL in standalone mode, and at least one in sentinel or cluster mode"
+                    .into(),
+            });
+        }
+        if redis_urls.iter().any(|u| !crate::secret::has_authority(u)) {
+            return Err(ConfigError::Invalid {
+                key: "redis.url",
+                reason: "holds an entry that is not a scheme://[user:password@]host URL".into(),
+            });
+        }
+        if self.redis.mode == RedisMode::Sentinel && self.redis.sentinel_master.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "redis.sentinel_master",
+                reason: "must name the monitored primary in sentinel mode".into(),
+            });
+        }
+        for (key, value) in [("database.url", &self.database.url), ("amqp.url", &self.amqp.url)] {
+            if !crate::secret::has_authority(value.expose_secret()) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "is not a scheme://[user:password@]host URL".into(),
+                });
+            }
+        }
+        if self.sync.confirm_deletions && self.sync.max_deletion_checks == 0 {
+            return Err(ConfigError::Invalid {
+                key: "sync.max_deletion_checks",
+                reason: "must be at least 1 while sync.confirm_deletions is on (0 would never delete)".into(),
+            });
+        }
+        if let Some(url) = &self.notify.webhook_url
+            && !url::Url::parse(url.expose_secret())
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        {
+            return Err(ConfigError::Invalid {
+                key: "notify.webhook_url",
+                reason: "is not an http(s) URL".into(),
+            });
+        }
+        if self.worker.liveness_stale_secs < 10 {
+            return Err(ConfigError::Invalid {
+                key: "worker.liveness_stale_secs",
+                reason: "must be at least 10".into(),
+            });
         }
         if self.amqp.retry_tiers.iter().any(|t| t.name.is_empty() || t.delay_ms == 0) {
             return Err(ConfigError::Invalid {
@@ -382,5 +616,27 @@ mod tests {
         s.worker.concurrency = 0;
         let err = s.validate().expect_err("zero concurrency is rejected");
         assert!(err.to_string().contains("worker.concurrency"), "{err}");
+    }
+
+    #[test]
+    fn redis_modes_take_lists_and_name_what_is_wrong() {
+        let mut s = Settings::default();
+        s.redis.url = SecretString::from("redis://a:6379, redis://b:6379");
+        let err = s.validate().expect_err("two URLs need sentinel or cluster mode");
+        assert!(err.to_string().contains("redis.url"), "{err}");
+        s.redis.mode = RedisMode::Cluster;
+        s.validate().expect("cluster seeds");
+        assert_eq!(s.redis.urls(), vec!["redis://a:6379", "redis://b:6379"]);
+        s.redis.mode = RedisMode::Sentinel;
+        s.redis.url = SecretString::from("redis://:hunter2@s1:26379,redis://s2:26379");
+        s.validate().expect("sentinels");
+        assert_eq!(s.redis.display_url(), "redis://:****@s1:26379,redis://s2:26379");
+        s.redis.sentinel_master = " ".into();
+        let err = s.validate().expect_err("a sentinel deployment needs the primary's name");
+        assert!(err.to_string().contains("redis.sentinel_master"), "{err}");
+        s.redis.sentinel_master = "mymaster".into();
+        s.redis.url = SecretString::from("redis://s1:26379,redis:s2:hunter2@x");
+        let err = s.validate().expect_err("an entry without a host");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

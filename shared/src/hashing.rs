@@ -24,17 +24,19 @@ pub fn hash_value(h: &mut Sha256, v: &Value) {
                 hash_value(h, item);
             }
         }
-        Value::Object(map) => {
-            h.update(b"{");
-            h.update((map.len() as u64).to_le_bytes());
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_unstable();
-            for k in keys {
-                h.update((k.len() as u64).to_le_bytes());
-                h.update(k.as_bytes());
-                hash_value(h, &map[k]);
-            }
-        }
+        Value::Object(map) => hash_map(h, map),
+    }
+}
+
+/// Feeds an object into `h` exactly as [`hash_value`] would feed `Value::Object(map)`, without
+/// building (or cloning into) a `Value`. `serde_json::Map` iterates in key order.
+pub fn hash_map(h: &mut Sha256, map: &serde_json::Map<String, Value>) {
+    h.update(b"{");
+    h.update((map.len() as u64).to_le_bytes());
+    for (k, v) in map {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        hash_value(h, v);
     }
 }
 

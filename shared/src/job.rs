@@ -51,8 +51,10 @@ pub struct JobEnvelope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncDatabaseJob {
-    /// Slug of a registered integration.
-    #[schemars(length(min = 1, max = 64))]
+    /// Slug of the integration that owns the database. Optional: omitted or empty, the worker
+    /// uses the integration the database is registered with.
+    #[serde(default)]
+    #[schemars(length(max = 64), regex(pattern = r"^[A-Za-z0-9_-]*$"))]
     pub integration: String,
     /// Notion database id (UUID, with or without dashes).
     pub database_id: Uuid,
@@ -199,11 +201,8 @@ impl JobEnvelope {
             return Err(JobError::Invalid("`source` must not be empty".into()));
         }
         let slug = &self.data.integration;
-        if slug.is_empty()
-            || slug.len() > 64
-            || !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(JobError::Invalid("`data.integration` must be 1-64 of [A-Za-z0-9_-]".into()));
+        if slug.len() > 64 || !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(JobError::Invalid("`data.integration` must be at most 64 of [A-Za-z0-9_-]".into()));
         }
         if let Some(ct) = &self.datacontenttype
             && ct != "application/json"
@@ -232,6 +231,14 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
+/// A UUID in any form the worker accepts: 32 hex digits, or hyphenated (optionally in braces or
+/// as a `urn:uuid:`).
+pub const UUID_PATTERN: &str = "^(?:[0-9A-Fa-f]{32}|(?:urn:uuid:)?[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|\\{[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\\})$";
+
+fn uuid_schema(description: &str) -> serde_json::Value {
+    serde_json::json!({"type": "string", "pattern": UUID_PATTERN, "description": description})
+}
+
 /// The JSON Schema of [`JobEnvelope`], as published in `shared/schema/`.
 pub fn json_schema() -> serde_json::Value {
     let mut schema = serde_json::to_value(schemars::schema_for!(JobEnvelope)).unwrap_or_default();
@@ -240,6 +247,19 @@ pub fn json_schema() -> serde_json::Value {
         if let Some(props) = obj.get_mut("properties").and_then(|p| p.as_object_mut()) {
             props.insert("specversion".into(), serde_json::json!({"const": SPEC_VERSION}));
             props.insert("type".into(), serde_json::json!({"const": JOB_TYPE}));
+            props.insert(
+                "id".into(),
+                uuid_schema("The job id, also the AMQP message_id and the idempotency key."),
+            );
+        }
+        // The worker reads ids with `Uuid::parse_str`: dashes are optional, as in Notion's URLs.
+        if let Some(props) = obj
+            .get_mut("$defs")
+            .and_then(|d| d.get_mut("SyncDatabaseJob"))
+            .and_then(|j| j.get_mut("properties"))
+            .and_then(|p| p.as_object_mut())
+        {
+            props.insert("database_id".into(), uuid_schema("Notion database id, with or without dashes."));
         }
     }
     schema
@@ -289,6 +309,25 @@ mod tests {
         let mut v = valid();
         v["data"].as_object_mut().expect("object").remove("database_id");
         assert_eq!(JobEnvelope::parse(v.to_string().as_bytes()).expect_err("missing").kind(), "invalid");
+    }
+
+    #[test]
+    fn ids_without_dashes_and_jobs_without_an_integration_are_accepted() {
+        let mut v = valid();
+        let db = Uuid::new_v4();
+        v["id"] = Uuid::new_v4().simple().to_string().into();
+        v["data"]["database_id"] = db.simple().to_string().into();
+        v["data"].as_object_mut().expect("object").remove("integration");
+        let job = JobEnvelope::parse(v.to_string().as_bytes()).expect("valid");
+        assert_eq!((job.data.database_id, job.data.integration.as_str()), (db, ""));
+        for form in [
+            db.simple().to_string(),
+            db.hyphenated().to_string(),
+            db.braced().to_string(),
+            db.urn().to_string(),
+        ] {
+            assert_eq!(Uuid::parse_str(&form).ok(), Some(db), "{form}");
+        }
     }
 
     #[test]

@@ -4,7 +4,6 @@
 
 pub mod amqp;
 pub mod budget;
-pub mod budget_redis;
 pub mod config;
 pub mod crypto;
 pub mod db;
@@ -13,9 +12,11 @@ pub mod job;
 pub mod lock;
 pub mod mapping;
 pub mod metrics;
+pub mod notify;
 pub mod notion;
 pub mod ops;
 pub mod redis_pool;
+pub mod retry;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use deadpool_redis::Pool;
+use crate::redis_pool::RedisPool as Pool;
 use redis::Script;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -27,10 +27,19 @@ end
 return 0
 "#;
 
-// KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms. 1 if still ours and extended.
+// KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms. 1 if still ours and extended; 3 if the key
+// was gone (a Redis restart, failover or eviction lost it) and is ours again; 0 if another
+// holder has it. Re-taking a vanished key is safe: whoever acquires a lock takes a new fence, so
+// if anyone else held it meanwhile our writes are rejected by the fence, never by luck.
 const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not held then
+  if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 3
+  end
 end
 return 0
 "#;
@@ -67,7 +76,8 @@ pub struct LeaseGuard {
 }
 
 impl LeaseGuard {
-    /// Cancelled when the lease is lost (taken over, or not renewable for a whole lease).
+    /// Cancelled when the lease is lost (taken over, or not renewable for a whole lease). A lost
+    /// lease alone does not mean another holder exists: callers check the fence.
     pub fn lost(&self) -> CancellationToken {
         self.lost.clone()
     }
@@ -91,23 +101,39 @@ impl Drop for LeaseGuard {
     }
 }
 
-/// Takes the lock for `database` if it is free.
+/// Takes the lock for `database` if it is free, on behalf of `owner` (a run id): the lock's
+/// value names it, so a later attempt of the same run can tell its own dead holder's lock from
+/// another run's.
 pub async fn try_acquire(
     pool: &Pool,
     prefix: &str,
     database: &uuid::Uuid,
+    owner: &str,
     lease: Duration,
 ) -> Result<Option<LeaseGuard>, LockError> {
-    try_acquire_key(pool, lock_key(prefix, database), lease).await
+    try_acquire_key(pool, lock_key(prefix, database), owner, lease).await
+}
+
+/// Who holds the lock for `database` (the `owner` given to [`try_acquire`]), if anyone.
+pub async fn holder(pool: &Pool, prefix: &str, database: &uuid::Uuid) -> Result<Option<String>, LockError> {
+    let mut conn = pool.get().await.map_err(|e| LockError(e.to_string()))?;
+    let value: Option<String> = redis::cmd("GET")
+        .arg(lock_key(prefix, database))
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| LockError(e.to_string()))?;
+    Ok(value.and_then(|v| v.rsplit_once('/').map(|(owner, _)| owner.to_string())))
 }
 
 /// Takes the lease at `key` if it is free (also used for the producer's scheduler leadership).
+/// The token is `<owner>/<random>`: unique per acquisition, and naming its owner.
 pub async fn try_acquire_key(
     pool: &Pool,
     key: String,
+    owner: &str,
     lease: Duration,
 ) -> Result<Option<LeaseGuard>, LockError> {
-    let token = uuid::Uuid::new_v4().to_string();
+    let token = format!("{owner}/{}", uuid::Uuid::new_v4());
     let mut conn = pool.get().await.map_err(|e| LockError(e.to_string()))?;
     let outcome: i64 = Script::new(ACQUIRE)
         .key(&key)
@@ -140,18 +166,26 @@ async fn renew(pool: Pool, key: String, token: String, lease: Duration, lost: Ca
     let mut last_ok = Instant::now();
     loop {
         tokio::time::sleep(lease / 3).await;
-        let outcome = match pool.get().await {
-            Ok(mut conn) => script
+        // Bounded, so a Redis that hangs (paused, partitioned) counts as a failed renewal.
+        let attempt = async {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            script
                 .key(&key)
                 .arg(&token)
                 .arg(lease.as_millis() as u64)
                 .invoke_async::<i64>(&mut conn)
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                .map_err(|e| e.to_string())
         };
+        let outcome = tokio::time::timeout(lease / 3, attempt)
+            .await
+            .unwrap_or_else(|_| Err("no answer from Redis".to_string()));
         match outcome {
             Ok(1) => last_ok = Instant::now(),
+            Ok(3) => {
+                tracing::warn!(key = %key, "The lock key had vanished from Redis (restart, failover or eviction); it was taken again.");
+                last_ok = Instant::now();
+            }
             Ok(_) => {
                 tracing::warn!(key = %key, "The database lock was taken over; stopping the job.");
                 lost.cancel();

@@ -61,6 +61,9 @@ impl Outcome {
 /// `status_class` of a Notion request: `2xx`, `4xx`, `429`, `5xx`, or `error` (no HTTP answer).
 pub const STATUS_CLASSES: [&str; 5] = ["2xx", "4xx", "429", "5xx", "error"];
 
+/// `syncfleet_notifications_total{outcome}`.
+pub const NOTIFICATION_OUTCOMES: [&str; 4] = ["sent", "deduplicated", "rate_limited", "failed"];
+
 /// `syncfleet_pages_total{change}`.
 pub const CHANGES: [&str; 5] = ["created", "updated", "unchanged", "deleted", "invalid"];
 
@@ -95,10 +98,20 @@ pub struct Metrics {
     pub lock_contended: IntCounter,
     pub lease_lost: IntCounter,
     pub fence_rejected_writes: IntCounter,
+    pub job_panics: IntCounter,
+    pub notifications: IntCounterVec,
+    pub status_write_failures: IntCounter,
+    pub runs_reaped: IntCounter,
+    pub amqp_reconnects: IntCounter,
     pub circuit_open: IntGaugeVec,
     pub database_last_success: GaugeVec,
     pub database_interval: GaugeVec,
     pub scheduler_last_tick: Gauge,
+    /// `pg_notification_queue_usage()`: a listener that stops reading (a frozen producer) fills
+    /// PostgreSQL's NOTIFY queue, and a full queue fails the workers' commits.
+    pub notify_queue_usage: Gauge,
+    /// Server-Sent Event streams open on this producer.
+    pub sse_clients: IntGauge,
     build_info: IntGaugeVec,
 }
 
@@ -226,6 +239,27 @@ impl Metrics {
                 "syncfleet_fence_rejected_writes_total",
                 "Write transactions rejected because a newer lock holder advanced the fence.",
             ),
+            job_panics: counter(
+                "syncfleet_job_panics_total",
+                "Jobs whose task panicked; the delivery was returned (once) or dead-lettered.",
+            ),
+            notifications: counter_vec(
+                "syncfleet_notifications_total",
+                "Failure notifications, by outcome: sent, deduplicated, rate_limited, failed.",
+                &["outcome"],
+            ),
+            status_write_failures: counter(
+                "syncfleet_run_status_write_failures_total",
+                "Run status writes that failed; the delivery was returned to the queue instead of acked.",
+            ),
+            runs_reaped: counter(
+                "syncfleet_runs_reaped_total",
+                "Runs moved to abandoned by the reaper because their holder was gone.",
+            ),
+            amqp_reconnects: counter(
+                "syncfleet_amqp_reconnects_total",
+                "Times the producer reopened its RabbitMQ connection after a failure.",
+            ),
             circuit_open: int_gauge_vec(
                 "syncfleet_circuit_open",
                 "1 while the integration's fleet-wide circuit breaker is open (as this process last saw it).",
@@ -244,6 +278,14 @@ impl Metrics {
             scheduler_last_tick: gauge(
                 "syncfleet_scheduler_last_tick_timestamp_seconds",
                 "Unix time of the scheduler's last completed pass.",
+            ),
+            notify_queue_usage: gauge(
+                "syncfleet_pg_notify_queue_usage_ratio",
+                "Share of PostgreSQL's NOTIFY queue in use (pg_notification_queue_usage()); run progress flows through it.",
+            ),
+            sse_clients: int_gauge(
+                "syncfleet_api_sse_clients",
+                "Server-Sent Event streams of run progress open on this producer.",
             ),
             build_info: int_gauge_vec(
                 "syncfleet_build_info",
@@ -272,6 +314,10 @@ impl Metrics {
                 Box::new(self.database_last_success.clone()),
                 Box::new(self.database_interval.clone()),
                 Box::new(self.scheduler_last_tick.clone()),
+                Box::new(self.notify_queue_usage.clone()),
+                Box::new(self.sse_clients.clone()),
+                Box::new(self.runs_reaped.clone()),
+                Box::new(self.amqp_reconnects.clone()),
             ],
             Role::Worker => vec![
                 Box::new(self.jobs_processed.clone()),
@@ -283,6 +329,9 @@ impl Metrics {
                 Box::new(self.lock_contended.clone()),
                 Box::new(self.lease_lost.clone()),
                 Box::new(self.fence_rejected_writes.clone()),
+                Box::new(self.job_panics.clone()),
+                Box::new(self.notifications.clone()),
+                Box::new(self.status_write_failures.clone()),
             ],
         };
         for collector in common.into_iter().chain(specific) {
@@ -297,6 +346,9 @@ impl Metrics {
             tracing::warn!(error = %e, "Process metrics are unavailable.");
         }
         self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), build_revision()]).set(1);
+        for outcome in NOTIFICATION_OUTCOMES {
+            self.notifications.with_label_values(&[outcome]).inc_by(0);
+        }
         for outcome in Outcome::ALL {
             self.jobs_processed.with_label_values(&[outcome.as_str()]);
         }
@@ -342,6 +394,11 @@ impl Metrics {
         if class == "429" {
             self.notion_rate_limited.with_label_values(&[integration]).inc();
         }
+    }
+
+    /// `syncfleet_notifications_total{outcome}`.
+    pub fn notification(&self, outcome: &str) {
+        self.notifications.with_label_values(&[outcome]).inc();
     }
 
     pub fn job_processed(&self, outcome: Outcome) {

@@ -119,12 +119,13 @@ async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value>
     let ids = fleet.register().await?;
     fleet.set_env("SYNCFLEET_SYNC__PAGE_SIZE", &s.page_size.to_string());
     fleet.spawn_workers(s.workers, s.concurrency)?;
-    // Let the workers connect so the jobs start together.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every worker consumes before the jobs go out, so they start together.
+    fleet.wait_consumers(s.workers as u32, Duration::from_secs(60)).await?;
     let since = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default();
     let log_url = format!("{}/_sim/requests", fleet.sim_url);
     let since_ms =
         reqwest::get(&log_url).await?.json::<Value>().await?["now_ms"].as_f64().unwrap_or_default();
+    let cpu = fleet.cpu_meter();
     fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
     let db = fleet.db().await?;
     let expected_requests = (s.pages as f64 / f64::from(s.page_size.max(1))).ceil() as u64;
@@ -163,6 +164,7 @@ async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value>
         bail!("{}: runs ended {failed:?}", s.name);
     }
     let pages: i64 = runs.iter().map(|r| r.pages).sum();
+    let cpu = cpu.fields(&fleet.worker_pids(), pages as u64);
     let elapsed = runs.iter().map(|r| r.elapsed).fold(0.0, f64::max);
     let mut line = json!({
         "scenario": s.name,
@@ -184,6 +186,7 @@ async fn measure(fleet: &mut Fleet, s: &BudgetScenario) -> anyhow::Result<Value>
         "page_size": s.page_size,
         "date": chrono::Utc::now().to_rfc3339(),
     });
+    extend(&mut line, cpu);
     if s.databases == 1 {
         // The yardstick: the query requests alone, ⌈pages/100⌉ ÷ rate.
         let minimum = expected_requests as f64 / s.rate;
@@ -295,12 +298,14 @@ pub async fn run_incremental(pages: u64, edits: u64) -> anyhow::Result<Vec<Value
                     .error_for_status()?;
             }
             let before = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default();
+            let cpu = fleet.cpu_meter();
             fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Incremental).await?;
             let runs = wait_final(&db, &ids, Duration::from_secs(600)).await?;
             let run = &runs[0];
+            let cpu = cpu.fields(&fleet.worker_pids(), run.pages.max(0) as u64);
             let requests = fleet.sim_stats().await?["requests_total"].as_u64().unwrap_or_default() - before;
             let target = if edit > 0 { edit.div_ceil(100) + 2 } else { 2 };
-            lines.push(json!({
+            let mut line = json!({
                 "scenario": scenario,
                 "synced_pages": pages,
                 "edits": edit,
@@ -311,7 +316,9 @@ pub async fn run_incremental(pages: u64, edits: u64) -> anyhow::Result<Vec<Value
                 "pages_read": run.pages,
                 "elapsed_s": round(run.elapsed),
                 "date": chrono::Utc::now().to_rfc3339(),
-            }));
+            });
+            extend(&mut line, cpu);
+            lines.push(line);
         }
         Ok(lines)
     }
@@ -348,19 +355,21 @@ pub async fn run_single_database_latency(pages: u64) -> anyhow::Result<Vec<Value
             fleet.stop_workers().await;
             fleet.set_env("SYNCFLEET_SYNC__MAX_CHAINS", &max_chains.to_string());
             fleet.spawn_workers(1, 4)?;
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            fleet.wait_consumers(1, Duration::from_secs(60)).await?;
             let log_url = format!("{}/_sim/requests", fleet.sim_url);
             let since_ms =
                 reqwest::get(&log_url).await?.json::<Value>().await?["now_ms"].as_f64().unwrap_or_default();
+            let cpu = fleet.cpu_meter();
             fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
             let runs = wait_final(&db, &ids, Duration::from_secs(3600)).await?;
+            let cpu = cpu.fields(&fleet.worker_pids(), runs[0].pages.max(0) as u64);
             let log: Value = reqwest::get(&log_url).await?.json().await?;
             let tokens =
                 per_token(log["entries"].as_array().map(Vec::as_slice).unwrap_or_default(), since_ms);
             let (n, t0, t1) = tokens.values().next().copied().context("no traffic")?;
             let utilization = n.saturating_sub(u64::from(burst)) as f64 / ((t1 - t0) / 1000.0) / rate;
             let floor = n.saturating_sub(u64::from(burst)) as f64 / rate;
-            lines.push(json!({
+            let mut line = json!({
                 "scenario": "single-database-latency",
                 "max_chains": max_chains,
                 "pages": pages,
@@ -374,7 +383,9 @@ pub async fn run_single_database_latency(pages: u64) -> anyhow::Result<Vec<Value
                 "latency_ms": 400,
                 "rate": rate,
                 "date": chrono::Utc::now().to_rfc3339(),
-            }));
+            });
+            extend(&mut line, cpu);
+            lines.push(line);
         }
         Ok(lines)
     }
@@ -433,7 +444,7 @@ pub async fn budget_acquire(redis_url: &str, iterations: usize) -> anyhow::Resul
 /// script runs inside Redis are counted there too, under their own names, so only the ones a
 /// client sends itself are added up: EVALSHA/EVAL (the scripts), PTTL (the pause check) and
 /// SCRIPT (loading a script the first time).
-async fn client_commands(conn: &mut deadpool_redis::Connection) -> anyhow::Result<i64> {
+async fn client_commands(conn: &mut syncfleet_shared::redis_pool::RedisConnection) -> anyhow::Result<i64> {
     let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await?;
     let calls = |name: &str| -> i64 {
         info.lines()
@@ -443,6 +454,13 @@ async fn client_commands(conn: &mut deadpool_redis::Connection) -> anyhow::Resul
             .unwrap_or(0)
     };
     Ok(["evalsha", "eval", "pttl", "script"].iter().map(|c| calls(c)).sum())
+}
+
+/// Adds `fields` to a JSON object line.
+pub fn extend(line: &mut Value, fields: serde_json::Map<String, Value>) {
+    if let Some(map) = line.as_object_mut() {
+        map.extend(fields);
+    }
 }
 
 pub fn round(x: f64) -> f64 {

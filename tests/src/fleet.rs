@@ -190,6 +190,47 @@ impl Fleet {
         self.workers.iter().filter_map(Child::id).collect()
     }
 
+    /// Waits until at least `n` consumers (worker processes) listen on the work queue, so jobs
+    /// published next start together; fails after `timeout`.
+    pub async fn wait_consumers(&self, n: u32, timeout: Duration) -> anyhow::Result<()> {
+        let conn = syncfleet_shared::amqp::connect(&self.settings.amqp, "syncfleet-bench").await?;
+        let channel = conn.create_channel().await?;
+        let queue = syncfleet_shared::amqp::Topology::new(&self.settings.amqp).jobs_queue();
+        let deadline = Instant::now() + timeout;
+        loop {
+            // A fresh channel each time: a passive declare of a queue not declared yet closes it.
+            let probe =
+                if channel.status().connected() { channel.clone() } else { conn.create_channel().await? };
+            let consumers = probe
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .map(|q| q.consumer_count())
+                .unwrap_or(0);
+            if consumers >= n {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("only {consumers} of {n} workers consume {queue} after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Err(e) = conn.close(200, "done".into()).await {
+            tracing::debug!(error = %e, "closing the consumer probe's connection");
+        }
+        Ok(())
+    }
+
+    /// Starts counting CPU time: this fleet's workers, every PostgreSQL process, notion-sim and
+    /// the whole machine. [`CpuMeter::fields`] turns it into per-page figures.
+    pub fn cpu_meter(&self) -> CpuMeter {
+        let sim = self.sim.id().unwrap_or_default();
+        CpuMeter { sim, start: CpuSample::take(&self.worker_pids(), sim) }
+    }
+
     /// Migrates, registers the integration and every simulated database; returns their ids.
     pub async fn register(&self) -> anyhow::Result<Vec<uuid::Uuid>> {
         self.producer(&["migrate"], &[], false).await?;
@@ -288,8 +329,13 @@ impl Fleet {
 
 /// Drops a fleet's database (benchmarks clean up after themselves).
 pub async fn drop_database(name: &str) {
+    drop_database_at(&admin_pg_url(), name).await
+}
+
+/// Drops database `name` on the server at `pg_admin` (`postgres://user@host:port`).
+pub async fn drop_database_at(pg_admin: &str, name: &str) {
     let admin = syncfleet_shared::config::DatabaseSettings {
-        url: SecretString::from(format!("{}/postgres", admin_pg_url())),
+        url: SecretString::from(format!("{pg_admin}/postgres")),
         max_connections: 1,
         connect_timeout_secs: 5,
     };
@@ -305,4 +351,144 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// CPU time spent since [`Fleet::cpu_meter`], per process kind, read from `/proc`.
+pub struct CpuMeter {
+    sim: u32,
+    start: CpuSample,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSample {
+    /// Clock ticks of user + system time.
+    worker: u64,
+    postgres: u64,
+    sim: u64,
+    /// Ticks the machine was busy (all but idle and iowait), and all ticks, over every core.
+    busy: u64,
+    total: u64,
+}
+
+/// utime + stime (and, with `children`, the reaped children's) of one process, in ticks, and
+/// its command name.
+fn process_ticks(pid: &str, children: bool) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name is in parentheses and may hold spaces; the fields after it are space-separated.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    // After the name: state is field 3, utime 14, stime 15, cutime 16, cstime 17 (1-based).
+    let at = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or_default();
+    let own = at(14) + at(15);
+    Some((name, if children { own + at(16) + at(17) } else { own }))
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100).max(1) as f64
+}
+
+/// PostgreSQL's floor for storing the rows a run wrote: the server CPU (every `postgres`
+/// process) of one plain `COPY … FROM STDIN (FORMAT binary)` of the same `notion_pages` rows
+/// into a table without indexes (with the same column compression): `postgres_copy_floor_us_per_page`,
+/// and the wall time.
+pub async fn copy_floor(
+    db: &sea_orm::DatabaseConnection,
+    pages: u64,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    use futures_util::TryStreamExt;
+    use sea_orm::sqlx::postgres::PgPoolCopyExt;
+    let pool = db.get_postgres_connection_pool();
+    sea_orm::sqlx::query("DROP TABLE IF EXISTS bench_copy_floor").execute(pool).await?;
+    sea_orm::sqlx::query("CREATE TABLE bench_copy_floor (LIKE notion_pages INCLUDING COMPRESSION)")
+        .execute(pool)
+        .await?;
+    let chunks: Vec<_> =
+        pool.copy_out_raw("COPY notion_pages TO STDOUT (FORMAT binary)").await?.try_collect().await?;
+    let before = CpuSample::take(&[], 0).postgres;
+    let started = Instant::now();
+    let mut copy = pool.copy_in_raw("COPY bench_copy_floor FROM STDIN (FORMAT binary)").await?;
+    for chunk in &chunks {
+        copy.send(chunk.as_ref()).await?;
+    }
+    let copied = copy.finish().await?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = CpuSample::take(&[], 0).postgres.saturating_sub(before) as f64 / clock_ticks();
+    sea_orm::sqlx::query("DROP TABLE bench_copy_floor").execute(pool).await?;
+    if copied != pages {
+        anyhow::bail!("the COPY floor copied {copied} rows, expected {pages}");
+    }
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "postgres_copy_floor_us_per_page".into(),
+        crate::bench::round(cpu * 1e6 / pages.max(1) as f64).into(),
+    );
+    out.insert("postgres_copy_floor_s".into(), crate::bench::round(wall).into());
+    Ok(out)
+}
+
+impl CpuSample {
+    fn take(workers: &[u32], sim: u32) -> Self {
+        let mut sample = CpuSample::default();
+        for pid in workers {
+            sample.worker += process_ticks(&pid.to_string(), false).map(|(_, t)| t).unwrap_or_default();
+        }
+        sample.sim = process_ticks(&sim.to_string(), false).map(|(_, t)| t).unwrap_or_default();
+        // Every PostgreSQL process (backends, and through the postmaster's reaped-children
+        // times, the backends that already exited).
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name.to_str().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) else {
+                    continue;
+                };
+                if let Some((comm, ticks)) = process_ticks(pid, true)
+                    && comm == "postgres"
+                {
+                    sample.postgres += ticks;
+                }
+            }
+        }
+        if let Ok(stat) = std::fs::read_to_string("/proc/stat")
+            && let Some(line) = stat.lines().next()
+        {
+            let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+            let total: u64 = v.iter().take(8).sum();
+            let idle = v.get(3).copied().unwrap_or_default() + v.get(4).copied().unwrap_or_default();
+            sample.total = total;
+            sample.busy = total.saturating_sub(idle);
+        }
+        sample
+    }
+}
+
+impl CpuMeter {
+    /// `worker_cpu_us_per_page`, `postgres_cpu_us_per_page`, `sim_cpu_us_per_page` (CPU time
+    /// since the meter started, divided by `pages`), the CPU seconds behind them, and
+    /// `machine_busy` (the busy fraction of all cores over the same time). Call it before the
+    /// workers are stopped.
+    pub fn fields(&self, workers: &[u32], pages: u64) -> serde_json::Map<String, serde_json::Value> {
+        let now = CpuSample::take(workers, self.sim);
+        let tick = clock_ticks();
+        let secs = |a: u64, b: u64| a.saturating_sub(b) as f64 / tick;
+        let per_page = |s: f64| if pages == 0 { 0.0 } else { crate::bench::round(s * 1e6 / pages as f64) };
+        let (w, p, sim) = (
+            secs(now.worker, self.start.worker),
+            secs(now.postgres, self.start.postgres),
+            secs(now.sim, self.start.sim),
+        );
+        let busy = now.busy.saturating_sub(self.start.busy) as f64
+            / (now.total.saturating_sub(self.start.total).max(1)) as f64;
+        let mut out = serde_json::Map::new();
+        out.insert("worker_cpu_us_per_page".into(), per_page(w).into());
+        out.insert("postgres_cpu_us_per_page".into(), per_page(p).into());
+        out.insert("sim_cpu_us_per_page".into(), per_page(sim).into());
+        out.insert("worker_cpu_s".into(), crate::bench::round(w).into());
+        out.insert("postgres_cpu_s".into(), crate::bench::round(p).into());
+        out.insert("sim_cpu_s".into(), crate::bench::round(sim).into());
+        out.insert("machine_busy".into(), crate::bench::round(busy).into());
+        out
+    }
 }

@@ -26,7 +26,20 @@ pub fn admin_pg_url() -> String {
     std::env::var("SYNCFLEET_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-/// One test's private world.
+/// Which servers a test uses: the machine's shared ones by default, or private instances
+/// (`crate::private`) for tests that stop or restart one.
+#[derive(Debug, Clone, Default)]
+pub struct Servers {
+    /// `postgres://user@host:port` without a database.
+    pub pg_admin: Option<String>,
+    pub redis: Option<String>,
+    /// How `redis` is deployed (a sentinel's URL, or cluster seeds, need their mode).
+    pub redis_mode: syncfleet_shared::config::RedisMode,
+    pub amqp: Option<String>,
+}
+
+/// One test's private world. Dropping it without [`cleanup`](Self::cleanup) (a failed test)
+/// still stops its processes and removes its database and queues.
 pub struct TestEnv {
     pub name: String,
     pub settings: Settings,
@@ -34,16 +47,31 @@ pub struct TestEnv {
     pub sim: SimServer,
     pub token: String,
     workers: Vec<Child>,
+    pg_admin: String,
+    cleaned: bool,
 }
 
 impl TestEnv {
     /// Creates and migrates a fresh database and starts a simulator with `sim`.
     pub async fn start(sim: SimConfig) -> anyhow::Result<Self> {
+        Self::start_on(sim, Servers::default()).await
+    }
+
+    /// Like [`start`](Self::start), on the given servers.
+    pub async fn start_on(sim: SimConfig, servers: Servers) -> anyhow::Result<Self> {
         let name = format!("sft_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let token = sim.tokens.first().cloned().unwrap_or_default();
         let sim = SimServer::start(sim, "127.0.0.1:0".parse()?).await?;
+        let pg_admin = servers.pg_admin.unwrap_or_else(admin_pg_url);
         let mut settings = Settings::default();
-        settings.database.url = SecretString::from(format!("{}/{name}", admin_pg_url()));
+        settings.database.url = SecretString::from(format!("{pg_admin}/{name}"));
+        if let Some(url) = servers.redis {
+            settings.redis.url = SecretString::from(url);
+        }
+        settings.redis.mode = servers.redis_mode;
+        if let Some(url) = servers.amqp {
+            settings.amqp.url = SecretString::from(url);
+        }
         settings.database.max_connections = 5;
         settings.amqp.prefix = name.clone();
         settings.amqp.retry_tiers = vec![
@@ -60,7 +88,73 @@ impl TestEnv {
         settings.notion.circuit.open_secs = 1;
         syncfleet_shared::db::migrate(&settings.database).await.context("migrating the test database")?;
         let db = syncfleet_shared::db::connect(&settings.database).await?;
-        Ok(Self { name, settings, db, sim, token, workers: Vec::new() })
+        Ok(Self { name, settings, db, sim, token, workers: Vec::new(), pg_admin, cleaned: false })
+    }
+
+    /// Publishes `job` exactly as given (the same id twice is a duplicate delivery, as an
+    /// at-least-once publisher may cause).
+    pub async fn publish_job(&self, job: &syncfleet_shared::job::JobEnvelope) -> anyhow::Result<()> {
+        let conn = amqp::connect(&self.settings.amqp, "syncfleet-test").await?;
+        Topology::new(&self.settings.amqp).declare(&conn.create_channel().await?).await?;
+        let publisher = amqp::Publisher::new(&conn, &self.settings.amqp).await?;
+        let meta =
+            amqp::PublishMeta { attempt: 1, app_id: "syncfleet-test".into(), trace_headers: Vec::new() };
+        publisher.publish_job(job, &amqp::Destination::Work, &meta).await?;
+        let _ = conn.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    /// Messages ready in one of this test's queues (a passive declare; unacked ones not counted).
+    pub async fn queue_ready(&self, queue: &str) -> anyhow::Result<u32> {
+        let conn = amqp::connect(&self.settings.amqp, "syncfleet-test-depth").await?;
+        let channel = conn.create_channel().await?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        if let Err(e) = conn.close(200, "done".into()).await {
+            tracing::debug!(error = %e, "closing the depth probe's connection");
+        }
+        Ok(q.message_count())
+    }
+
+    /// Publishes raw bodies (hostile or foreign messages) to the jobs exchange on a confirm
+    /// channel and returns once the broker has confirmed every one of them, so a count of what
+    /// was published is a count of what the broker holds.
+    pub async fn publish_raw(
+        &self,
+        messages: Vec<(Vec<u8>, lapin::BasicProperties)>,
+    ) -> anyhow::Result<usize> {
+        let conn = amqp::connect(&self.settings.amqp, "syncfleet-test-raw").await?;
+        let channel = conn.create_channel().await?;
+        let topology = Topology::new(&self.settings.amqp);
+        topology.declare(&channel).await?;
+        channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+        let mut published = 0;
+        for (body, props) in &messages {
+            let confirm = channel
+                .basic_publish(
+                    topology.jobs_exchange().as_str().into(),
+                    amqp::ROUTING_KEY.into(),
+                    lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() },
+                    body,
+                    props.clone(),
+                )
+                .await?
+                .await?;
+            let nacked = !confirm.is_ack();
+            if nacked || confirm.take_message().is_some() {
+                bail!("the broker did not take raw message {published} (nacked: {nacked}, or unroutable)");
+            }
+            published += 1;
+        }
+        if let Err(e) = conn.close(200, "done".into()).await {
+            tracing::debug!(error = %e, "closing the raw publisher's connection");
+        }
+        Ok(published)
     }
 
     pub fn sim_url(&self) -> String {
@@ -80,6 +174,11 @@ impl TestEnv {
         vec![
             ("SYNCFLEET_DATABASE__URL".into(), s.database.url.expose_secret().to_string()),
             ("SYNCFLEET_DATABASE__MAX_CONNECTIONS".into(), s.database.max_connections.to_string()),
+            ("SYNCFLEET_REDIS__URL".into(), s.redis.url.expose_secret().to_string()),
+            ("SYNCFLEET_REDIS__MODE".into(), format!("{:?}", s.redis.mode).to_lowercase()),
+            ("SYNCFLEET_REDIS__SENTINEL_MASTER".into(), s.redis.sentinel_master.clone()),
+            ("SYNCFLEET_AMQP__URL".into(), s.amqp.url.expose_secret().to_string()),
+            ("SYNCFLEET_NOTION__MAX_RETRY_AFTER_SECS".into(), s.notion.max_retry_after_secs.to_string()),
             ("SYNCFLEET_AMQP__PREFIX".into(), s.amqp.prefix.clone()),
             ("SYNCFLEET_AMQP__RETRY_TIERS".into(), format!("[{tiers}]")),
             ("SYNCFLEET_REDIS__KEY_PREFIX".into(), s.redis.key_prefix.clone()),
@@ -115,7 +214,7 @@ impl TestEnv {
             .get(index)
             .map(|d| d.id)
             .ok_or_else(|| anyhow!("no database {index}"))?;
-        syncfleet_producer::commands::database::add(&self.settings, slug, id, None, None).await?;
+        syncfleet_producer::commands::database::add(&self.settings, slug, id, None, None, false).await?;
         Ok(id)
     }
 
@@ -216,6 +315,28 @@ impl TestEnv {
         Ok(cmd)
     }
 
+    /// Children (workers, `serve`) that have exited since the last call, removed from the
+    /// test's list: `(pid, exit code)`. A supervisor loop restarts them.
+    pub fn take_exited(&mut self) -> Vec<(u32, Option<i32>)> {
+        let mut exited = Vec::new();
+        self.workers.retain_mut(|child| {
+            let pid = child.id().unwrap_or_default();
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    exited.push((pid, status.code()));
+                    false
+                }
+                _ => true,
+            }
+        });
+        exited
+    }
+
+    /// Pids of the children still running.
+    pub fn child_pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(Child::id).collect()
+    }
+
     /// Sends `signal` to a worker started by [`spawn_worker`](Self::spawn_worker).
     pub fn signal_worker(&self, pid: u32, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
@@ -274,6 +395,25 @@ impl TestEnv {
     }
 
     /// Compares PostgreSQL with the simulator's export for one database.
+    /// Runs `sql` (one or more statements) on this test's database.
+    pub async fn execute(&self, sql: &str) -> anyhow::Result<()> {
+        use sea_orm::ConnectionTrait;
+        self.db.execute_unprepared(sql).await?;
+        Ok(())
+    }
+
+    /// One value of one row of `sql` on this test's database (panics on failure: tests only).
+    pub async fn scalar<T: sea_orm::TryGetable>(&self, sql: &str) -> T {
+        use sea_orm::ConnectionTrait;
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql.to_string()))
+            .await
+            .expect("query")
+            .expect("a row");
+        row.try_get_by_index::<T>(0).expect("a value")
+    }
+
     pub async fn verify(&self, database_id: Uuid) -> anyhow::Result<crate::verify::Report> {
         crate::verify::compare(&self.db, &self.sim_url(), database_id).await
     }
@@ -299,6 +439,23 @@ impl TestEnv {
             .unwrap_or_default())
     }
 
+    /// (arrival ms on the simulator's clock, status) of every logged request to an endpoint
+    /// starting with `prefix` (`/v1/` for every Notion call), in arrival order.
+    pub async fn sim_arrivals(&self, prefix: &str) -> anyhow::Result<Vec<(f64, u16)>> {
+        let log = self.sim_admin_get("requests").await?;
+        let mut out: Vec<(f64, u16)> = log["entries"]
+            .as_array()
+            .context("the request log has no entries")?
+            .iter()
+            .filter(|e| e["endpoint"].as_str().is_some_and(|p| p.starts_with(prefix)))
+            .map(|e| {
+                (e["t_ms"].as_f64().unwrap_or_default(), e["status"].as_u64().unwrap_or_default() as u16)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(out)
+    }
+
     /// `GET /_sim/<path>` (path may carry a query string).
     pub async fn sim_admin_get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         Ok(reqwest::get(format!("{}/_sim/{path}", self.sim_url())).await?.error_for_status()?.json().await?)
@@ -308,6 +465,24 @@ impl TestEnv {
         let response =
             reqwest::Client::new().post(format!("{}/_sim/{path}", self.sim_url())).json(&body).send().await?;
         Ok(response.error_for_status()?.json().await?)
+    }
+
+    /// Takes dead letters until at least `n` have arrived (a worker records a run's outcome
+    /// before its dead letter is confirmed), or `timeout` passes; returns all it took.
+    pub async fn wait_dead_letters(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<(Option<String>, Vec<u8>)>> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            out.extend(self.drain_dead_letters().await?);
+            if out.len() >= n || Instant::now() > deadline {
+                return Ok(out);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Takes every message from the dead-letter queue: (reason header, body).
@@ -344,22 +519,77 @@ impl TestEnv {
         for child in &mut self.workers {
             let _ = child.kill().await;
         }
-        self.sim.stop().await;
-        if let Ok(conn) = amqp::connect(&self.settings.amqp, "syncfleet-test-cleanup").await
-            && let Ok(channel) = conn.create_channel().await
-        {
-            let _ = Topology::new(&self.settings.amqp).delete(&channel).await;
-            let _ = conn.close(200, "done".into()).await;
-        }
-        self.db.clone().close().await.ok();
-        crate::fleet::drop_database(&self.name).await;
+        self.sim.cancel();
+        remove_world(&self.settings.amqp, &self.pg_admin, &self.name).await;
         let _ = std::fs::remove_file(log_path(&self.name));
+        self.cleaned = true;
     }
+}
+
+/// Deletes a test's queues and drops its database.
+async fn remove_world(amqp_settings: &syncfleet_shared::config::AmqpSettings, pg_admin: &str, name: &str) {
+    if let Ok(conn) = amqp::connect(amqp_settings, "syncfleet-test-cleanup").await
+        && let Ok(channel) = conn.create_channel().await
+    {
+        let _ = Topology::new(amqp_settings).delete(&channel).await;
+        let _ = conn.close(200, "done".into()).await;
+    }
+    crate::fleet::drop_database_at(pg_admin, name).await;
+}
+
+impl Drop for TestEnv {
+    /// The guard: a test that failed before `cleanup` leaves nothing behind but its log.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        for child in &mut self.workers {
+            let _ = child.start_kill();
+        }
+        self.sim.cancel();
+        let (amqp_settings, pg_admin, name) =
+            (self.settings.amqp.clone(), self.pg_admin.clone(), self.name.clone());
+        // Drop cannot await; a thread with its own runtime does the asynchronous part.
+        let cleaned = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(remove_world(&amqp_settings, &pg_admin, &name));
+            }
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("cleanup of test {} failed", self.name);
+        }
+        eprintln!("test {} did not finish; its log is {}", self.name, log_path(&self.name).display());
+    }
+}
+
+/// The most requests any window [t_i, t_j] of sorted arrival times (ms) holds beyond
+/// `rate · t`, allowing 20 ms of loopback jitter: a GCRA admits at most its burst.
+pub fn worst_excess(times_ms: &[f64], rate: f64) -> f64 {
+    let mut worst = 0.0f64;
+    for i in 0..times_ms.len() {
+        for j in i..times_ms.len() {
+            let t = (times_ms[j] - times_ms[i] + 20.0) / 1000.0;
+            worst = worst.max((j - i + 1) as f64 - t * rate);
+        }
+    }
+    worst
 }
 
 /// A TCP port that was free a moment ago (for `--metrics-addr` of child processes).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `N` different free ports (all held open while they are chosen, so none repeats).
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let listeners =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+    let mut ports = [0u16; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// GETs `http://127.0.0.1:<port><path>`, retrying while the process starts; (status, body).

@@ -103,7 +103,20 @@ pub async fn compare(db: &DatabaseConnection, sim_url: &str, database_id: Uuid) 
         if props != page["properties"] || !same_time(edited, want_edited) || !same_time(created, want_created)
         {
             report.different += 1;
-            report.note(format!("page {id} differs (edited {edited} vs {want_edited})"));
+            // Which properties differ, and how, for the first few.
+            let keys: Vec<String> = page["properties"]
+                .as_object()
+                .map(|want| {
+                    want.iter()
+                        .filter(|(k, v)| props.get(k.as_str()) != Some(v))
+                        .map(|(k, v)| {
+                            let have = props.get(k.as_str()).map(|h| h.to_string()).unwrap_or_default();
+                            format!("{k}: {:.160} vs {:.160}", have, v.to_string())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            report.note(format!("page {id} differs (edited {edited} vs {want_edited}; {})", keys.join("; ")));
         }
     }
     let extra: Vec<Uuid> = stored.iter().filter(|(_, r)| !r.3).map(|(id, _)| *id).collect();

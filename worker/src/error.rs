@@ -1,48 +1,7 @@
-//! What can go wrong while running a job, and what the consumer does about it.
-//!
-//! Every error reduces to one [`Disposition`]; only the consumer turns that into AMQP calls,
-//! and it acks only after the outcome is committed to PostgreSQL.
+//! What can go wrong while running a job. [`crate::policy::decide`] turns it into what happens to
+//! the delivery.
 
-use syncfleet_shared::metrics::Outcome;
 use syncfleet_shared::notion::{FailureClass, NotionError};
-
-/// What the consumer does with a delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
-    /// Done (succeeded, already done, or recorded as failed and dead-lettered by us).
-    Ack,
-    /// Give the message back to the queue now (shutdown mid-job): another worker resumes it.
-    Requeue,
-    /// Publish to the next retry tier with attempt + 1, then ack.
-    Retry { reason: String },
-    /// Publish to the dead-letter queue with this reason, then ack.
-    DeadLetter { reason: String },
-}
-
-/// A disposition plus the outcome it stands for in `syncfleet_jobs_processed_total`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    pub disposition: Disposition,
-    pub outcome: Outcome,
-}
-
-impl Verdict {
-    pub fn new(disposition: Disposition, outcome: Outcome) -> Self {
-        Self { disposition, outcome }
-    }
-}
-
-/// The usual reading: acked = succeeded, retry tier = retried, dead letter = dead-lettered.
-impl From<Disposition> for Verdict {
-    fn from(disposition: Disposition) -> Self {
-        let outcome = match &disposition {
-            Disposition::Ack => Outcome::Succeeded,
-            Disposition::Requeue | Disposition::Retry { .. } => Outcome::Retried,
-            Disposition::DeadLetter { .. } => Outcome::DeadLettered,
-        };
-        Self { disposition, outcome }
-    }
-}
 
 /// A job that did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +16,23 @@ pub enum JobFailure {
     /// The worker is shutting down; progress up to the last batch is committed.
     #[error("interrupted by shutdown")]
     Interrupted,
-    /// The database lock's lease was lost (taken over, or not renewable).
+    /// The database lock's lease was lost (not renewable for a whole lease, or taken). Only a
+    /// moved fence means another worker took over; otherwise the job is simply retried.
     #[error("the database lock's lease was lost")]
-    LeaseLost,
+    LeaseLost { fence_moved: bool },
     /// A write carried a fence older than the database's: another worker holds the lock now.
     #[error("write rejected: fence {0} is stale")]
     FenceRejected(i64),
     #[error(transparent)]
     Lock(#[from] syncfleet_shared::lock::LockError),
+    /// PostgreSQL restarted (or failed over) during the run: batches committed without waiting
+    /// for the WAL may be gone with the old server, so the run resumes from its stored checkpoint.
+    #[error("PostgreSQL restarted during the run; it resumes from its stored checkpoint")]
+    ServerRestarted,
+    /// The lock is held by an earlier attempt of this same job whose worker died; its lease
+    /// expires soon.
+    #[error("the database is locked by an earlier attempt of this job")]
+    HeldByEarlierAttempt,
 }
 
 impl JobFailure {
@@ -72,11 +40,16 @@ impl JobFailure {
     pub fn class(&self) -> FailureClass {
         match self {
             JobFailure::Notion(e) => e.class(),
-            JobFailure::Db(_) => FailureClass::Transient,
             JobFailure::Config(_) => FailureClass::Permanent,
-            JobFailure::Interrupted => FailureClass::Transient,
-            JobFailure::LeaseLost | JobFailure::FenceRejected(_) => FailureClass::Permanent,
-            JobFailure::Lock(_) => FailureClass::Transient,
+            JobFailure::LeaseLost { fence_moved: true } | JobFailure::FenceRejected(_) => {
+                FailureClass::Permanent
+            }
+            JobFailure::Db(_)
+            | JobFailure::ServerRestarted
+            | JobFailure::Interrupted
+            | JobFailure::LeaseLost { fence_moved: false }
+            | JobFailure::Lock(_)
+            | JobFailure::HeldByEarlierAttempt => FailureClass::Transient,
         }
     }
 
@@ -85,11 +58,14 @@ impl JobFailure {
         match self {
             JobFailure::Notion(e) => e.kind(),
             JobFailure::Db(_) => "database",
+            JobFailure::ServerRestarted => "database_restarted",
             JobFailure::Config(_) => "configuration",
             JobFailure::Interrupted => "interrupted",
-            JobFailure::LeaseLost => "lease_lost",
+            JobFailure::LeaseLost { fence_moved: false } => "lease_lost",
+            JobFailure::LeaseLost { fence_moved: true } => "superseded",
             JobFailure::FenceRejected(_) => "fence_rejected",
             JobFailure::Lock(_) => "lock_unavailable",
+            JobFailure::HeldByEarlierAttempt => "held_by_earlier_attempt",
         }
     }
 }

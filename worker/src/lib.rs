@@ -3,12 +3,17 @@
 //! [`Worker::run_until`]; tests drive the same code in-process.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-pub mod chains;
-pub mod error;
-pub mod handler;
-pub mod schema;
+// The job path, stage by stage: consume → run → sync → write.
+pub mod consume;
+pub mod run;
 pub mod sync;
-pub mod transform;
-pub mod worker;
+pub mod write;
 
-pub use worker::{Worker, WorkerError};
+pub mod chains;
+pub mod context;
+pub mod error;
+pub mod policy;
+pub mod schema;
+pub mod transform;
+
+pub use consume::{Worker, WorkerError};

@@ -59,6 +59,10 @@ pub fn drift(old: &Value, new: &Value) -> Drift {
     d
 }
 
+/// The longest the typed view's DDL waits for a lock (a user's query on the view) before the
+/// regeneration is skipped for this run.
+const VIEW_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Reads the schema, records drift and keeps the typed view current.
 pub async fn prepare(
     db: &sea_orm::DatabaseConnection,
@@ -98,34 +102,55 @@ pub async fn prepare(
         ))
         .await?;
     }
-    // The view is a convenience over the data: if its DDL fails (a schema PostgreSQL rejects),
-    // the savepoint is rolled back, the failure logged, and the pages still sync.
+    // The view is a convenience over the data: if its DDL fails (a schema PostgreSQL rejects, a
+    // user's view that depends on it, a lock held by a long query), the savepoint is rolled
+    // back, the reason recorded on the database, and the pages still sync. The literals in the
+    // DDL are standard strings and every lock wait is bounded, whatever the server's defaults.
     let savepoint = txn.begin().await?;
-    let view = views::ensure(
-        &savepoint,
-        database.id,
-        &database.slug,
-        &schema,
-        &schema_hash,
-        &mapping,
-        &database.view_hash,
-    )
+    let view = async {
+        savepoint
+            .execute_unprepared(&format!(
+                "SET LOCAL standard_conforming_strings = on; SET LOCAL lock_timeout = '{}ms'",
+                VIEW_LOCK_TIMEOUT.as_millis()
+            ))
+            .await?;
+        views::ensure(
+            &savepoint,
+            database.id,
+            &database.slug,
+            &schema,
+            &schema_hash,
+            &mapping,
+            &database.view_hash,
+        )
+        .await
+    }
     .await;
-    match view {
+    let view_error = match view {
         Ok(regenerated) => {
             savepoint.commit().await?;
             if regenerated {
                 tracing::info!(view = %views::view_name(&database.slug), "Typed view generated.");
             }
+            None
         }
         Err(e) => {
             savepoint.rollback().await?;
             tracing::error!(
                 view = %views::view_name(&database.slug),
                 error = %e,
-                "Could not generate the typed view; the pages still sync."
+                "Could not regenerate the typed view (recorded in notion_databases.view_error); the pages still sync."
             );
+            Some(e.to_string())
         }
+    };
+    if view_error.is_some() || database.view_error.is_some() {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE notion_databases SET view_error = $2 WHERE id = $1",
+            [database.id.into(), view_error.into()],
+        ))
+        .await?;
     }
     txn.commit().await?;
     Ok(Prepared { schema, mapping })

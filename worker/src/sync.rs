@@ -1,4 +1,5 @@
-//! The page loop of one sync run.
+//! The third stage of the job path (consume → run → sync → write): the page loop of one sync
+//! run, reading Notion; `write` commits what it reads.
 //!
 //! A reader pages through `POST /v1/data_sources/{id}/query` (100 rows a request) while a writer
 //! upserts the previous response in its own transaction, together with the run's counters and
@@ -13,35 +14,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use serde_json::Value;
-use std::collections::{HashSet, VecDeque};
-use syncfleet_shared::db::entities::{notion_database, sync_run::status};
-use syncfleet_shared::db::fence;
-use syncfleet_shared::db::pages::{self, PageRow};
-use syncfleet_shared::db::runs::{self, Checkpoint, RunDelta};
+use serde_json::value::RawValue;
+use std::collections::VecDeque;
+use syncfleet_shared::db::entities::notion_database;
+use syncfleet_shared::db::pages::PageRow;
+use syncfleet_shared::db::runs::{Checkpoint, RunDelta};
 use syncfleet_shared::job::SyncMode;
 use syncfleet_shared::mapping::Mapping;
 use syncfleet_shared::metrics::Metrics;
 use syncfleet_shared::notion::types::{ListResponse, QueryRequest, Timestamp};
 use syncfleet_shared::notion::{Endpoint, NotionError, NotionSession};
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::chains::{self, Chain, Progress};
 use crate::error::JobFailure;
 use crate::transform::{self, InvalidPage};
+use crate::write::record_unsaved_requests;
 
-/// Batches written concurrently by one run (they still commit in order).
-const WRITERS: usize = 2;
-
-/// How many times one run restarts its query after Notion rejects a cursor.
-const MAX_CURSOR_RESTARTS: u32 = 5;
+/// Notion cursors expire; a chain restarts its query from its last position when one is
+/// rejected, up to this many times within [`CURSOR_RESTART_WINDOW`]. More than that is a
+/// transient failure: the job goes to a retry tier and resumes from its checkpoint, so a long
+/// sync meeting many expiries over hours is never dead-lettered for it.
+const MAX_CURSOR_RESTARTS: usize = 5;
+const CURSOR_RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 /// Everything one run needs.
 pub struct SyncRun {
@@ -51,6 +51,11 @@ pub struct SyncRun {
     pub run_id: Uuid,
     pub mode: SyncMode,
     pub checkpoint: Option<Checkpoint>,
+    /// When the run first started, on PostgreSQL's clock: a full run stamps the pages it sees
+    /// with it, and only rows written before it can be deletion candidates.
+    pub started_at: DateTime<Utc>,
+    /// `pg_postmaster_start_time()` when the attempt began (see [`runs::Started`]).
+    pub server_started: DateTime<Utc>,
     pub page_size: u8,
     /// Most concurrent `created_time` ranges of one full run.
     pub max_chains: u8,
@@ -64,21 +69,25 @@ pub struct SyncRun {
     pub schema: Value,
     /// The operator's rules, keyed by property id.
     pub mapping: Mapping,
+    /// Confirm each deletion candidate with Notion before marking it deleted, at most this many
+    /// per run (`sync.confirm_deletions`, `sync.max_deletion_checks`).
+    pub confirm_deletions: bool,
+    pub max_deletion_checks: usize,
 }
 
 /// Totals of a finished run: the sum of its batches' counter increments.
 pub type SyncSummary = RunDelta;
 
 /// One response, parsed, on its way to the writer.
-struct Batch {
-    rows: Vec<PageRow>,
-    invalid: Vec<InvalidPage>,
-    checkpoint: Option<Checkpoint>,
+pub(crate) struct Batch {
+    pub(crate) rows: Vec<PageRow>,
+    pub(crate) invalid: Vec<InvalidPage>,
+    pub(crate) checkpoint: Option<Checkpoint>,
     /// Which `created_time` range (chain) it came from, and whether that range is now read.
-    range: usize,
-    range_done: bool,
+    pub(crate) range: usize,
+    pub(crate) range_done: bool,
     /// Notion's clock at the start of the run.
-    started: DateTime<Utc>,
+    pub(crate) started: DateTime<Utc>,
 }
 
 impl SyncRun {
@@ -133,13 +142,23 @@ impl SyncRun {
         let progress = progress.map(std::sync::Mutex::new);
         let writer = self.write_batches(rx, progress.as_ref());
         let (run_started, mut summary) = match tokio::join!(readers, writer) {
-            (Ok(starts), Ok(summary)) => (starts.into_iter().min().unwrap_or_else(Utc::now), summary),
+            // A resumed split run whose ranges were all done reads nothing: its start is the
+            // checkpoint's, never "now" (which would move the watermark past edits made
+            // during the run).
+            (Ok(starts), Ok(summary)) => {
+                let resumed = self.checkpoint.as_ref().map(|c| c.run_started);
+                let started = starts.into_iter().min().or(resumed).unwrap_or_else(Utc::now);
+                (started, summary)
+            }
             (Err(e), _) | (_, Err(e)) => {
                 record_unsaved_requests(&self.db, self.run_id, &self.session).await;
                 return Err(e);
             }
         };
-        self.finish(run_started, &mut summary).await?;
+        if let Err(e) = self.finish(run_started, &mut summary).await {
+            record_unsaved_requests(&self.db, self.run_id, &self.session).await;
+            return Err(e);
+        }
         Ok(summary)
     }
 
@@ -154,10 +173,10 @@ impl SyncRun {
         let mut resume_from = query_from;
         let mut run_started = self.checkpoint.as_ref().map(|c| c.run_started);
         let mut cursor: Option<String> = None;
-        let mut restarts = 0u32;
+        let mut restarts: VecDeque<std::time::Instant> = VecDeque::new();
         loop {
             if self.lease_lost.is_cancelled() {
-                return Err(JobFailure::LeaseLost);
+                return Err(JobFailure::LeaseLost { fence_moved: false });
             }
             if self.shutdown.is_cancelled() {
                 return Err(JobFailure::Interrupted);
@@ -167,14 +186,13 @@ impl SyncRun {
             let fetch_started = std::time::Instant::now();
             let response = match self
                 .session
-                .request::<_, ListResponse>(Endpoint::QueryDataSource, &path, Some(&request))
+                .request::<_, ListResponse<Box<RawValue>>>(Endpoint::QueryDataSource, &path, Some(&request))
                 .await
             {
                 Ok(r) => r,
-                Err(NotionError::InvalidCursor) if restarts < MAX_CURSOR_RESTARTS => {
-                    restarts += 1;
+                Err(NotionError::InvalidCursor) if within_restart_budget(&mut restarts) => {
                     tracing::warn!(
-                        restarts,
+                        restarts = restarts.len(),
                         "Notion rejected the cursor; restarting the query from the last position."
                     );
                     cursor = None;
@@ -233,7 +251,7 @@ impl SyncRun {
 
     /// Completes the values a page object truncated (relations, people and rich text over 25
     /// items) from `GET /v1/pages/{id}/properties/{property_id}`, page by page, under the budget.
-    async fn complete_values(
+    pub(crate) async fn complete_values(
         &self,
         page: &mut syncfleet_shared::notion::types::Page,
     ) -> Result<(), JobFailure> {
@@ -262,190 +280,20 @@ impl SyncRun {
         }
         Ok(())
     }
-
-    /// Commits each batch with its counters and checkpoint. Up to [`WRITERS`] batches are written
-    /// at once (PostgreSQL parses and stores them on separate backends), but they commit strictly
-    /// in order, so a checkpoint never gets ahead of a batch before it. Batches that share a page
-    /// are never in flight together (their row locks could otherwise wait on each other).
-    async fn write_batches(
-        &self,
-        mut rx: mpsc::Receiver<Batch>,
-        progress: Option<&std::sync::Mutex<Progress>>,
-    ) -> Result<SyncSummary, JobFailure> {
-        let mut summary = SyncSummary::default();
-        let (committed_tx, committed_rx) = watch::channel(0u64);
-        let mut in_flight = FuturesOrdered::new();
-        let mut in_flight_pages: VecDeque<(u64, HashSet<Uuid>)> = VecDeque::new();
-        let mut next_seq = 0u64;
-        let mut input_open = true;
-        loop {
-            let may_start = input_open && in_flight.len() < WRITERS;
-            tokio::select! {
-                batch = rx.recv(), if may_start => {
-                    let Some(batch) = batch else { input_open = false; continue };
-                    let ids: HashSet<Uuid> = batch.rows.iter().map(|r| r.page_id).collect();
-                    if in_flight_pages.iter().any(|(_, other)| !other.is_disjoint(&ids)) {
-                        // Drain until the overlapping batch has committed.
-                        while let Some(result) = in_flight.next().await {
-                            let delta: RunDelta = result?;
-                            summary += delta;
-                            in_flight_pages.pop_front();
-                        }
-                    }
-                    next_seq += 1;
-                    in_flight_pages.push_back((next_seq, ids));
-                    in_flight.push_back(self.write_one(next_seq, batch, committed_rx.clone(), &committed_tx, progress));
-                }
-                Some(result) = in_flight.next(), if !in_flight.is_empty() => {
-                    let delta: RunDelta = result?;
-                    summary += delta;
-                    in_flight_pages.pop_front();
-                }
-                else => break,
-            }
-        }
-        Ok(summary)
-    }
-
-    /// Rejects the transaction when another worker has taken the database's lock since.
-    async fn check_fence<C: ConnectionTrait>(&self, txn: &C) -> Result<(), JobFailure> {
-        if fence::is_current(txn, self.database.id, self.fence).await? {
-            return Ok(());
-        }
-        self.metrics.fence_rejected_writes.inc();
-        tracing::warn!(fence = self.fence, "Write rejected: a newer lock holder owns this database.");
-        Err(JobFailure::FenceRejected(self.fence))
-    }
-
-    /// Writes one batch; commits only after batch `seq - 1` has committed.
-    async fn write_one(
-        &self,
-        seq: u64,
-        batch: Batch,
-        committed: watch::Receiver<u64>,
-        committed_tx: &watch::Sender<u64>,
-        progress: Option<&std::sync::Mutex<Progress>>,
-    ) -> Result<RunDelta, JobFailure> {
-        for bad in &batch.invalid {
-            tracing::warn!(page_id = bad.page_id.as_deref().unwrap_or("?"), reason = %bad.reason, "A page failed validation; it is recorded in sync_page_errors.");
-        }
-        let span = tracing::info_span!(
-            "db.upsert",
-            otel.kind = "client",
-            db.system.name = "postgresql",
-            db.operation.name = "upsert",
-            db.collection.name = "notion_pages",
-            db.operation.batch.size = batch.rows.len(),
-        );
-        self.write_one_in(seq, batch, committed, committed_tx, progress).instrument(span).await
-    }
-
-    async fn write_one_in(
-        &self,
-        seq: u64,
-        batch: Batch,
-        mut committed: watch::Receiver<u64>,
-        committed_tx: &watch::Sender<u64>,
-        progress: Option<&std::sync::Mutex<Progress>>,
-    ) -> Result<RunDelta, JobFailure> {
-        let write_started = std::time::Instant::now();
-        let stamp_seen = self.mode == SyncMode::Full;
-        let txn = self.db.begin().await?;
-        // Intermediate batches need not wait for the WAL flush: the batch and its checkpoint
-        // commit together, so a server crash only rewinds the checkpoint. The final
-        // transaction commits synchronously (flushing all of these) before the job is acked.
-        txn.execute_unprepared("SET LOCAL synchronous_commit = off").await?;
-        self.check_fence(&txn).await?;
-        let rows = batch.rows.len();
-        let counts =
-            pages::upsert_batch(&txn, self.database.id, self.run_id, self.fence, stamp_seen, batch.rows)
-                .await?;
-        let errors: Vec<pages::PageError> = batch
-            .invalid
-            .iter()
-            .map(|bad| pages::PageError {
-                page_id: bad.page_id.clone(),
-                reason: bad.reason.clone(),
-                page: bad.page.clone(),
-            })
-            .collect();
-        pages::record_errors(&txn, self.database.id, self.run_id, errors).await?;
-        if committed.wait_for(|done| *done + 1 >= seq).await.is_err() {
-            return Err(JobFailure::Interrupted);
-        }
-        let (requests, rate_limited) = self.session.stats().take();
-        let delta = RunDelta {
-            requests: requests as i64,
-            rate_limited: rate_limited as i64,
-            seen: (rows + batch.invalid.len()) as i64,
-            created: counts.created,
-            updated: counts.updated,
-            unchanged: counts.unchanged,
-            deleted: 0,
-            invalid: batch.invalid.len() as i64,
-        };
-        // A split run stores every range's committed progress; batches commit in order, so the
-        // progress advanced here includes everything committed before.
-        let checkpoint = match progress {
-            Some(p) => {
-                let reached = batch.checkpoint.as_ref().map(|c| c.sort_time);
-                p.lock().map(|mut p| p.advance(batch.range, reached, batch.range_done, batch.started)).ok()
-            }
-            None => batch.checkpoint,
-        };
-        runs::record_progress(&txn, self.run_id, &delta, checkpoint.as_ref()).await?;
-        txn.commit().await?;
-        committed_tx.send_replace(seq);
-        self.metrics.pages_changed(delta.created, delta.updated, delta.unchanged, 0, delta.invalid);
-        tracing::debug!(rows, write_ms = write_started.elapsed().as_millis() as u64, "Batch committed.");
-        Ok(delta)
-    }
-
-    /// Marks deletions (full runs), moves the watermark and records success, in one transaction.
-    async fn finish(&self, run_started: DateTime<Utc>, summary: &mut SyncSummary) -> Result<(), JobFailure> {
-        let txn = self.db.begin().await?;
-        self.check_fence(&txn).await?;
-        let deleted = match self.mode {
-            SyncMode::Full => pages::mark_unseen_deleted(&txn, self.database.id, self.run_id).await? as i64,
-            SyncMode::Incremental => 0,
-        };
-        let (requests, rate_limited) = self.session.stats().take();
-        let delta = RunDelta {
-            requests: requests as i64,
-            rate_limited: rate_limited as i64,
-            deleted,
-            ..RunDelta::default()
-        };
-        runs::record_progress(&txn, self.run_id, &delta, None).await?;
-        // Everything edited before the run started has been read; edits after it carry a
-        // (minute-rounded) time at or after it, which the next run's overlap covers.
-        let overlap = chrono::Duration::from_std(self.overlap).unwrap_or_default();
-        let watermark = run_started - overlap;
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "UPDATE notion_databases SET watermark = GREATEST(COALESCE(watermark, '-infinity'::timestamptz), $2), \
-                 last_success_at = now(), updated_at = now() WHERE id = $1",
-            [self.database.id.into(), watermark.into()],
-        ))
-        .await?;
-        let final_status = if summary.invalid > 0 { status::PARTIAL } else { status::SUCCEEDED };
-        runs::set_status(&txn, self.run_id, final_status, None).await?;
-        txn.commit().await?;
-        self.metrics.pages_changed(0, 0, 0, deleted, 0);
-        *summary += delta;
-        Ok(())
-    }
 }
 
-/// Records the requests a failed attempt made since its last committed batch, so the run's
-/// counters still include them.
-pub async fn record_unsaved_requests(db: &DatabaseConnection, run_id: Uuid, session: &NotionSession) {
-    let (requests, rate_limited) = session.stats().take();
-    let delta =
-        RunDelta { requests: requests as i64, rate_limited: rate_limited as i64, ..RunDelta::default() };
-    if let Err(e) = runs::record_progress(db, run_id, &delta, None).await {
-        tracing::warn!(error = %e, "Could not record the failed attempt's request counts.");
+/// Records a cursor restart if fewer than [`MAX_CURSOR_RESTARTS`] happened in the last
+/// [`CURSOR_RESTART_WINDOW`].
+fn within_restart_budget(restarts: &mut VecDeque<std::time::Instant>) -> bool {
+    let now = std::time::Instant::now();
+    while restarts.front().is_some_and(|t| now.duration_since(*t) > CURSOR_RESTART_WINDOW) {
+        restarts.pop_front();
     }
+    if restarts.len() >= MAX_CURSOR_RESTARTS {
+        return false;
+    }
+    restarts.push_back(now);
+    true
 }
 
 /// Percent-encodes a path segment (property ids are usually encoded already; `%` is kept).

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use syncfleet_shared::db::pages::PageRow;
-use syncfleet_shared::hashing::hash_value;
+use syncfleet_shared::hashing::{hash_map, hash_value};
 use syncfleet_shared::mapping::Mapping;
 use syncfleet_shared::notion::types::Page;
 
@@ -66,18 +67,22 @@ pub fn complete_property(page: &mut Page, property_id: &str, ty: &str, items: Ve
     }
 }
 
-/// Parses a response's results. Non-page objects are skipped; malformed pages are reported, not
-/// fatal. Duplicate ids keep their last occurrence (Notion can repeat a page across an edit).
-pub fn parse_results(results: Vec<Value>) -> (Vec<Page>, Vec<InvalidPage>) {
+/// Parses a response's results, each straight from its text into a [`Page`] (no intermediate
+/// JSON tree). Non-page objects are skipped; malformed pages are reported, not fatal. Duplicate
+/// ids keep their last occurrence (Notion can repeat a page across an edit).
+pub fn parse_results(results: Vec<Box<RawValue>>) -> (Vec<Page>, Vec<InvalidPage>) {
+    /// What is read of a result that is not a valid page: whether it claims to be one, its id.
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        object: Option<Value>,
+        id: Option<Value>,
+    }
     let mut pages: Vec<Page> = Vec::with_capacity(results.len());
     let mut invalid = Vec::new();
     let mut seen: HashMap<uuid::Uuid, usize> = HashMap::new();
-    for value in results {
-        if value.get("object").and_then(Value::as_str).is_some_and(|o| o != "page") {
-            continue;
-        }
-        let page_id = value.get("id").and_then(Value::as_str).map(|s| s.chars().take(64).collect());
-        match serde_json::from_value::<Page>(value) {
+    for raw in results {
+        match serde_json::from_str::<Page>(raw.get()) {
+            Ok(page) if page.object.as_deref().is_some_and(|o| o != "page") => {}
             Ok(page) => match seen.get(&page.id) {
                 Some(&i) => pages[i] = page,
                 None => {
@@ -85,11 +90,25 @@ pub fn parse_results(results: Vec<Value>) -> (Vec<Page>, Vec<InvalidPage>) {
                     pages.push(page);
                 }
             },
-            Err(e) => invalid.push(InvalidPage {
-                page_id,
-                reason: format!("not a valid page object: {e}"),
-                page: None,
-            }),
+            Err(e) => {
+                let probe = serde_json::from_str::<Probe>(raw.get()).ok();
+                // Skipped only when it says it is another kind of object; anything else that
+                // fails is reported.
+                let object = probe.as_ref().and_then(|p| p.object.as_ref()).and_then(Value::as_str);
+                if object.is_some_and(|o| o != "page") {
+                    continue;
+                }
+                let page_id = probe
+                    .as_ref()
+                    .and_then(|p| p.id.as_ref())
+                    .and_then(Value::as_str)
+                    .map(|s| s.chars().take(64).collect());
+                invalid.push(InvalidPage {
+                    page_id,
+                    reason: format!("not a valid page object: {e}"),
+                    page: None,
+                })
+            }
         }
     }
     (pages, invalid)
@@ -99,7 +118,7 @@ pub fn parse_results(results: Vec<Value>) -> (Vec<Page>, Vec<InvalidPage>) {
 /// change it), independent of JSON key order.
 pub fn content_hash(page: &Page, properties: &serde_json::Map<String, Value>) -> String {
     let mut hasher = Sha256::new();
-    hash_value(&mut hasher, &Value::Object(properties.clone()));
+    hash_map(&mut hasher, properties);
     hasher.update([page.is_archived() as u8, page.in_trash as u8]);
     hash_value(&mut hasher, page.icon.as_ref().unwrap_or(&Value::Null));
     hash_value(&mut hasher, page.cover.as_ref().unwrap_or(&Value::Null));
@@ -130,7 +149,7 @@ pub fn to_row(mut page: Page, mapping: &Mapping, schema: &Value) -> Result<PageR
         archived,
         in_trash: page.in_trash,
         content_hash,
-        properties: Value::Object(properties),
+        properties: Value::Object(properties).to_string(),
     })
 }
 
@@ -139,10 +158,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn page(props: Value) -> Value {
-        json!({"object": "page", "id": "be633bf1-dfa0-436d-b259-571129a590e5",
+    fn raw(v: Value) -> Box<RawValue> {
+        RawValue::from_string(v.to_string()).expect("valid JSON")
+    }
+
+    fn page(props: Value) -> Box<RawValue> {
+        raw(json!({"object": "page", "id": "be633bf1-dfa0-436d-b259-571129a590e5",
                "created_time": "2026-10-24T22:54:00.000Z", "last_edited_time": "2026-11-08T18:25:00.000Z",
-               "properties": props})
+               "properties": props}))
     }
 
     #[test]
@@ -165,7 +188,8 @@ mod tests {
         let b = to_row(after[0].clone(), &Mapping::default(), &Value::Null).expect("row");
         assert_eq!(a.properties, b.properties);
         assert_eq!(a.content_hash, b.content_hash);
-        assert!(a.properties.get("x%3A1").is_some());
+        let stored: Value = serde_json::from_str(&a.properties).expect("the stored text is JSON");
+        assert_eq!(stored["x%3A1"]["number"], 5);
     }
 
     #[test]
@@ -188,13 +212,18 @@ mod tests {
         let bad = json!({"object": "page", "id": "not-a-uuid", "properties": {}});
         let (pages, invalid) = parse_results(vec![
             page(json!({"v": 1})),
-            bad,
+            raw(bad),
             page(json!({"v": 2})),
-            json!({"object": "data_source"}),
+            raw(json!({"object": "data_source"})),
+            raw(json!({"object": 7, "id": "odd-object"})),
+            raw(json!({"object": "database", "id": "be633bf1-dfa0-436d-b259-571129a590e5",
+                       "created_time": "2026-10-24T22:54:00.000Z",
+                       "last_edited_time": "2026-11-08T18:25:00.000Z", "properties": {"v": 3}})),
         ]);
         assert_eq!(pages.len(), 1);
         assert_eq!(pages[0].properties["v"], 2);
-        assert_eq!(invalid.len(), 1);
+        assert_eq!(invalid.len(), 2, "a result whose `object` is not a string is reported, not skipped");
         assert_eq!(invalid[0].page_id.as_deref(), Some("not-a-uuid"));
+        assert_eq!(invalid[1].page_id.as_deref(), Some("odd-object"));
     }
 }

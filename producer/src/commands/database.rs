@@ -19,23 +19,85 @@ pub async fn add(
     id: Uuid,
     data_source: Option<Uuid>,
     interval_secs: Option<u32>,
+    json: bool,
 ) -> anyhow::Result<()> {
     let db = syncfleet_shared::db::connect(&settings.database).await?;
-    let integ =
-        integration::Entity::find_by_id(integration_slug.to_string()).one(&db).await?.ok_or_else(|| {
-            anyhow!("integration {integration_slug} is not registered (run `integration add` first)")
-        })?;
-    let token = settings.token_cipher()?.decrypt(&integ.token_encrypted)?;
+    let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
+    let registered =
+        register(settings, &db, &redis, integration_slug, id, data_source, interval_secs).await?;
+    if json {
+        let view = crate::api::model::database(&db, id).await?;
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    if let Some(note) = &registered.note {
+        eprintln!("{note}");
+    }
+    println!(
+        "database {id} ({:?}) registered with data source {}",
+        registered.title, registered.data_source_id
+    );
+    Ok(())
+}
+
+/// Why a database could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("integration {0} is not registered (run `integration add` first)")]
+    UnknownIntegration(String),
+    #[error("database {0} has no data source {1}")]
+    NoSuchDataSource(Uuid, Uuid),
+    /// Notion refused or failed the read (not shared, revoked token, unreachable).
+    #[error("{0:#}")]
+    Notion(anyhow::Error),
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<sea_orm::DbErr> for RegisterError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Self::Other(e.into())
+    }
+}
+
+/// What [`register`] stored.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub title: String,
+    pub data_source_id: Uuid,
+    /// A remark for the operator (several data sources, say).
+    pub note: Option<String>,
+}
+
+/// Reads database `id` and its data source from Notion (under the integration's fleet-wide
+/// budget) and stores it with its schema; registering again refreshes it.
+pub async fn register(
+    settings: &Settings,
+    db: &sea_orm::DatabaseConnection,
+    redis: &syncfleet_shared::redis_pool::RedisPool,
+    integration_slug: &str,
+    id: Uuid,
+    data_source: Option<Uuid>,
+    interval_secs: Option<u32>,
+) -> Result<Registered, RegisterError> {
+    let integ = integration::Entity::find_by_id(integration_slug.to_string())
+        .one(db)
+        .await?
+        .ok_or_else(|| RegisterError::UnknownIntegration(integration_slug.to_string()))?;
+    let token = settings
+        .token_cipher()
+        .map_err(anyhow::Error::from)?
+        .decrypt(&integ.token_encrypted)
+        .map_err(anyhow::Error::from)?;
     let key = BudgetKey {
         integration: integ.slug.clone(),
         rate: integ.rate_per_second,
         burst: integ.burst.max(1) as u32,
     };
     // Schema reads spend the same fleet-wide budget as the workers' syncs.
-    let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
-    let budget = Budget::new(redis, &settings.redis.key_prefix).with_circuit(settings.notion.circuit);
+    let budget = Budget::new(redis.clone(), &settings.redis.key_prefix).with_circuit(settings.notion.circuit);
     let session = NotionSession::new(
-        NotionClient::new(&settings.notion, Metrics::new(Role::Producer))?,
+        NotionClient::new(&settings.notion, Metrics::new(Role::Producer)).map_err(anyhow::Error::from)?,
         token,
         budget,
         key,
@@ -45,25 +107,29 @@ pub async fn add(
     let database: DatabaseObject = session
         .request::<(), _>(Endpoint::RetrieveDatabase, &format!("/v1/databases/{id}"), None)
         .await
-        .context("reading the database from Notion")?
+        .context("reading the database from Notion")
+        .map_err(RegisterError::Notion)?
         .body;
+    let mut note = None;
     let source_id = match data_source {
         Some(ds) => {
             if !database.data_sources.iter().any(|d| d.id == ds) {
-                bail!("database {id} has no data source {ds}");
+                return Err(RegisterError::NoSuchDataSource(id, ds));
             }
             ds
         }
         None => {
             let first = database.data_sources.first().ok_or_else(|| {
-                anyhow!("database {id} lists no data sources (is notion.version 2025-09-03 or later?)")
+                RegisterError::Notion(anyhow!(
+                    "database {id} lists no data sources (is notion.version 2025-09-03 or later?)"
+                ))
             })?;
             if database.data_sources.len() > 1 {
-                eprintln!(
+                note = Some(format!(
                     "database has {} data sources; mirroring the first ({}); pick another with --data-source",
                     database.data_sources.len(),
                     first.id
-                );
+                ));
             }
             first.id
         }
@@ -71,7 +137,8 @@ pub async fn add(
     let source: DataSourceObject = session
         .request::<(), _>(Endpoint::RetrieveDataSource, &format!("/v1/data_sources/{source_id}"), None)
         .await
-        .context("reading the data source schema from Notion")?
+        .context("reading the data source schema from Notion")
+        .map_err(RegisterError::Notion)?
         .body;
     let title = plain_text(&database.title);
     let schema = Value::Object(source.properties);
@@ -93,6 +160,11 @@ pub async fn add(
         view_hash: Set(String::new()),
         created_at: Set(now),
         updated_at: Set(now),
+        rerun_mode: Set(None),
+        rerun_seq: Set(0),
+        rerun_requested_at: Set(None),
+        view_error: Set(None),
+        enabled: Set(true),
     };
     notion_database::Entity::insert(model)
         .on_conflict(
@@ -108,15 +180,38 @@ pub async fn add(
                 ])
                 .to_owned(),
         )
-        .exec(&db)
+        .exec(db)
         .await
         .context("saving the database")?;
-    println!("database {id} ({title:?}) registered with data source {source_id}");
-    Ok(())
+    Ok(Registered { title, data_source_id: source_id, note })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MapArgs {
+    #[arg(long)]
+    pub database: Uuid,
+    /// The property's Notion id or current name.
+    #[arg(long)]
+    pub property: Option<String>,
+    /// The view column's name.
+    #[arg(long)]
+    pub column: Option<String>,
+    /// Leave the property out of the view.
+    #[arg(long)]
+    pub skip: bool,
+    /// enum_text (select/status), integer (number) or date_only (date).
+    #[arg(long, value_parser = ["enum_text", "integer", "date_only"])]
+    pub transform: Option<String>,
+    /// Pages with an empty value go to sync_page_errors instead of the table.
+    #[arg(long)]
+    pub required: bool,
+    /// Remove the property's rule.
+    #[arg(long)]
+    pub clear: bool,
 }
 
 /// `database map`: validates the rule against the stored schema and saves it by property id.
-pub async fn map(settings: &Settings, args: &crate::cli::MapArgs) -> anyhow::Result<()> {
+pub async fn map(settings: &Settings, args: &MapArgs) -> anyhow::Result<()> {
     use sea_orm::{ActiveModelTrait, IntoActiveModel};
     use syncfleet_shared::mapping::{Mapping, PropertyRule, Transform};
     let db = syncfleet_shared::db::connect(&settings.database).await?;

@@ -1,17 +1,35 @@
 //! `syncfleet-producer enqueue`: publish one job; with `--wait`, follow the run to its end.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail};
-use indicatif::{ProgressBar, ProgressStyle};
-use sea_orm::{DatabaseConnection, EntityTrait};
+use anyhow::anyhow;
+use sea_orm::EntityTrait;
 use syncfleet_shared::Settings;
-use syncfleet_shared::db::entities::{notion_database, sync_run};
-use syncfleet_shared::job::{Priority, Reason, SyncDatabaseJob, SyncMode};
+use syncfleet_shared::db::entities::notion_database;
+use syncfleet_shared::job::{Reason, SyncDatabaseJob, SyncMode};
 use uuid::Uuid;
 
-use crate::cli::{EnqueueArgs, ModeArg};
+use crate::api::model::{ModeParam, PriorityParam};
 use crate::publish::JobPublisher;
+
+#[derive(clap::Args, Debug)]
+pub struct EnqueueArgs {
+    #[arg(long)]
+    pub database: Uuid,
+    #[arg(long, value_enum, default_value = "incremental")]
+    pub mode: ModeParam,
+    #[arg(long, value_enum, default_value = "normal")]
+    pub priority: PriorityParam,
+    /// Show a progress bar until the run ends (`runs watch`); exit non-zero if it fails.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 6 * 3600)]
+    pub timeout_secs: u64,
+    /// Print `{"job_id": …}` (and, with --wait, nothing else on stdout but the run's JSON).
+    #[arg(long)]
+    pub json: bool,
+}
 
 pub async fn run(settings: &Settings, args: &EnqueueArgs) -> anyhow::Result<()> {
     let db = syncfleet_shared::db::connect(&settings.database).await?;
@@ -21,98 +39,22 @@ pub async fn run(settings: &Settings, args: &EnqueueArgs) -> anyhow::Result<()> 
         .ok_or_else(|| anyhow!("database {} is not registered (run `database add` first)", args.database))?;
     let metrics = syncfleet_shared::metrics::Metrics::new(syncfleet_shared::metrics::Role::Producer);
     let publisher = JobPublisher::connect(settings, metrics).await?;
-    let mode = match args.mode {
-        ModeArg::Full => SyncMode::Full,
-        ModeArg::Incremental => SyncMode::Incremental,
-    };
+    let mode: SyncMode = args.mode.into();
     let data = SyncDatabaseJob {
         integration: database.integration.clone(),
         database_id: database.id,
         mode,
-        priority: Priority::Normal,
+        priority: args.priority.into(),
         reason: Reason::Manual,
     };
     let job = publisher.publish(&db, "urn:syncfleet:cli", data).await?;
-    println!("enqueued job {} ({} sync of {})", job.id, mode.as_str(), database.id);
+    if args.json {
+        println!("{}", serde_json::json!({"job_id": job.id}));
+    } else {
+        println!("enqueued job {} ({} sync of {})", job.id, mode.as_str(), database.id);
+    }
     if !args.wait {
         return Ok(());
     }
-    let estimate = previous_page_count(&db, database.id).await;
-    wait(&db, job.id, estimate, Duration::from_secs(args.timeout_secs)).await
-}
-
-/// Pages seen by the last successful run, as the progress bar's length.
-async fn previous_page_count(db: &DatabaseConnection, database_id: Uuid) -> Option<u64> {
-    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder};
-    sync_run::Entity::find()
-        .filter(sync_run::Column::DatabaseId.eq(database_id))
-        .filter(sync_run::Column::Status.is_in([sync_run::status::SUCCEEDED, sync_run::status::PARTIAL]))
-        .order_by_desc(sync_run::Column::FinishedAt)
-        .one(db)
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.pages_seen.max(0) as u64)
-        .filter(|n| *n > 0)
-}
-
-/// Follows a run with a progress bar until it reaches a final state.
-pub async fn wait(
-    db: &DatabaseConnection,
-    run_id: Uuid,
-    estimate: Option<u64>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let bar = match estimate {
-        Some(n) => ProgressBar::new(n),
-        None => ProgressBar::new_spinner(),
-    };
-    let template = if estimate.is_some() {
-        "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} pages · {msg}"
-    } else {
-        "{spinner} [{elapsed_precise}] {pos} pages · {msg}"
-    };
-    bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let started = Instant::now();
-    loop {
-        let run = sync_run::Entity::find_by_id(run_id).one(db).await?;
-        if let Some(run) = &run {
-            bar.set_position(run.pages_seen.max(0) as u64);
-            bar.set_message(format!(
-                "{} requests · {} rate-limited · {}",
-                run.requests, run.rate_limited, run.status
-            ));
-            if sync_run::status::is_final(&run.status) {
-                bar.finish();
-                println!(
-                    "run {} {}: {} pages ({} created, {} updated, {} unchanged, {} deleted, {} invalid), {} requests, {} rate-limited, {:.1}s",
-                    run.id,
-                    run.status,
-                    run.pages_seen,
-                    run.pages_created,
-                    run.pages_updated,
-                    run.pages_unchanged,
-                    run.pages_deleted,
-                    run.pages_invalid,
-                    run.requests,
-                    run.rate_limited,
-                    started.elapsed().as_secs_f64()
-                );
-                if run.status == sync_run::status::FAILED {
-                    bail!(
-                        "run failed: {} {}",
-                        run.error_kind.as_deref().unwrap_or("unknown"),
-                        run.error_message.as_deref().unwrap_or("")
-                    );
-                }
-                return Ok(());
-            }
-        }
-        if started.elapsed() > timeout {
-            bar.abandon();
-            bail!("gave up waiting for run {run_id} after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    crate::commands::runs::watch(settings, &db, job.id, Duration::from_secs(args.timeout_secs)).await
 }

@@ -4,5 +4,6 @@ pub mod database;
 pub mod enqueue;
 pub mod integration;
 pub mod migrate;
+pub mod runs;
 pub mod serve;
 pub mod status;

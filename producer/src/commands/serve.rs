@@ -8,8 +8,14 @@
 //!   enqueued for it within that interval.
 //!
 //! A database with a run still queued or running gets nothing more, so a stopped fleet does not
-//! pile up jobs. Several producer replicas may run: a lease in Redis (`<prefix>:scheduler`)
-//! makes exactly one of them schedule, while all of them export the freshness gauges.
+//! pile up jobs. A database whose runs keep failing is retried with exponential backoff
+//! (`scheduler.failure_backoff_secs`, doubling per consecutive failure), not every tick.
+//! Several producer replicas may run: a lease in Redis (`<prefix>:scheduler`) makes exactly one
+//! of them schedule, while all of them export the freshness gauges.
+//!
+//! The leader also runs the reaper: runs whose holder is gone (no heartbeat) become `abandoned`
+//! so their databases are scheduled again, and coalesced rerun requests left with no run to
+//! serve them are published as jobs. `/healthz` fails when the loop stops ticking.
 
 use std::time::Duration;
 
@@ -17,10 +23,11 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
 use syncfleet_shared::Settings;
 use syncfleet_shared::db::entities::integration;
+use syncfleet_shared::db::{rerun, runs};
 use syncfleet_shared::job::{Priority, Reason, SyncDatabaseJob, SyncMode};
 use syncfleet_shared::lock::{self, LeaseGuard};
 use syncfleet_shared::metrics::{Metrics, Role};
-use syncfleet_shared::ops::{self, Readiness};
+use syncfleet_shared::ops::{self, Liveness, Readiness};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -37,16 +44,47 @@ pub struct DueRow {
     pub last_full: Option<DateTime<Utc>>,
     pub last_success: Option<DateTime<Utc>>,
     pub active: bool,
+    /// A disabled database is not scheduled (`PATCH /v1/databases/{id}`).
+    pub enabled: bool,
+    /// Failed runs since the last success, and when the last one was enqueued.
+    pub failures: u32,
+    pub last_failure: Option<DateTime<Utc>>,
+}
+
+/// How long the scheduler leaves a database alone after `failures` consecutive failed runs.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureBackoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl FailureBackoff {
+    pub fn after(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(failures.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
 }
 
 /// What, if anything, to publish for `row` now.
-pub fn decide(now: DateTime<Utc>, row: &DueRow, full_every: Option<Duration>) -> Option<(SyncMode, Reason)> {
-    if row.active {
+pub fn decide(
+    now: DateTime<Utc>,
+    row: &DueRow,
+    full_every: Option<Duration>,
+    backoff: FailureBackoff,
+) -> Option<(SyncMode, Reason)> {
+    if row.active || !row.enabled {
         return None;
     }
     let older_than = |t: Option<DateTime<Utc>>, d: Duration| {
         t.is_none_or(|t| now.signed_duration_since(t).to_std().is_ok_and(|age| age >= d))
     };
+    // Failed runs count as attempts: after consecutive failures, wait before the next one.
+    if row.failures > 0 && !older_than(row.last_failure, backoff.after(row.failures)) {
+        return None;
+    }
     if let Some(full_every) = full_every
         && older_than(row.last_full, full_every)
     {
@@ -61,18 +99,40 @@ pub fn decide(now: DateTime<Utc>, row: &DueRow, full_every: Option<Duration>) ->
 }
 
 const DUE_SQL: &str = r#"
-SELECT d.id, d.integration, d.slug, d.last_success_at,
+SELECT d.id, d.integration, d.slug, d.last_success_at, d.enabled,
        COALESCE(d.sync_interval_secs, NULLIF($1::integer, 0)) AS interval_secs,
        (SELECT max(r.enqueued_at) FROM sync_runs r WHERE r.database_id = d.id) AS last_enqueued,
        (SELECT max(r.enqueued_at) FROM sync_runs r
          WHERE r.database_id = d.id AND r.mode = 'full'
-           AND r.status IN ('queued', 'running', 'retrying', 'succeeded', 'partial')) AS last_full,
+           AND r.status IN ('queued', 'running', 'retrying', 'abandoned', 'skipped', 'succeeded', 'partial')) AS last_full,
        EXISTS (SELECT 1 FROM sync_runs r
          WHERE r.database_id = d.id AND r.status IN ('queued', 'running', 'retrying')
-           AND r.enqueued_at > now() - interval '6 hours') AS active
+           AND r.enqueued_at > now() - interval '6 hours') AS active,
+       f.failures, f.last_failure
 FROM notion_databases d
+CROSS JOIN LATERAL (
+    SELECT count(*)::integer AS failures, max(COALESCE(r.finished_at, r.enqueued_at)) AS last_failure
+    FROM sync_runs r
+    WHERE r.database_id = d.id AND r.status = 'failed'
+      -- A job the broker never took is not an attempt (the publisher's reconnect backoff paces those).
+      AND r.error_kind IS DISTINCT FROM 'publish_failed'
+      AND r.enqueued_at > COALESCE((SELECT max(s.enqueued_at) FROM sync_runs s
+                                    WHERE s.database_id = d.id AND s.status IN ('succeeded', 'partial')),
+                                   '-infinity'::timestamptz)
+) f
 ORDER BY d.slug
 "#;
+
+/// `pg_notification_queue_usage()`: the share of PostgreSQL's NOTIFY queue in use.
+async fn notify_queue_usage(db: &DatabaseConnection) -> Result<f64, sea_orm::DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pg_notification_queue_usage() AS usage",
+        ))
+        .await?;
+    Ok(row.map(|r| r.try_get::<f64>("", "usage")).transpose()?.unwrap_or(0.0))
+}
 
 async fn load(db: &DatabaseConnection, default_interval_secs: u64) -> Result<Vec<DueRow>, sea_orm::DbErr> {
     let rows = db
@@ -94,6 +154,9 @@ async fn load(db: &DatabaseConnection, default_interval_secs: u64) -> Result<Vec
                 last_full: r.try_get("", "last_full")?,
                 last_success: r.try_get("", "last_success_at")?,
                 active: r.try_get("", "active")?,
+                enabled: r.try_get("", "enabled")?,
+                failures: r.try_get::<i32>("", "failures")?.max(0) as u32,
+                last_failure: r.try_get("", "last_failure")?,
             })
         })
         .collect()
@@ -103,18 +166,39 @@ async fn load(db: &DatabaseConnection, default_interval_secs: u64) -> Result<Vec
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Metrics::new(Role::Producer);
     let ready = Readiness::default();
+    let tick = Duration::from_secs(settings.scheduler.tick_secs);
+    // A tick may include publishes that wait on the broker (reconnect, confirm timeout).
+    let stale = Duration::from_secs(settings.worker.liveness_stale_secs).max(tick * 3);
+    let live = Liveness::new(stale);
+    live.beat();
     let stop = CancellationToken::new();
     if let Some(addr) = settings.metrics_addr {
-        ops::serve(addr, metrics.clone(), ready.clone(), stop.clone()).await?;
+        ops::serve(addr, metrics.clone(), ready.clone(), live.clone(), stop.clone()).await?;
     }
     let db = syncfleet_shared::db::connect(&settings.database).await?;
     let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
-    let publisher = JobPublisher::connect(settings, metrics.clone()).await?;
+    let publisher = std::sync::Arc::new(JobPublisher::connect(settings, metrics.clone()).await?);
+    if let Some(addr) = settings.api.addr {
+        crate::api::serve(
+            addr,
+            settings,
+            db.clone(),
+            publisher.clone(),
+            redis.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )
+        .await?;
+    }
     for integ in integration::Entity::find().all(&db).await? {
         metrics.observe_integration(&integ.slug, integ.rate_per_second);
     }
-    let tick = Duration::from_secs(settings.scheduler.tick_secs);
     let lease = (tick * 3).max(Duration::from_secs(15));
+    let backoff = FailureBackoff {
+        base: Duration::from_secs(settings.scheduler.failure_backoff_secs),
+        max: Duration::from_secs(settings.scheduler.failure_backoff_max_secs),
+    };
+    let reaper = Reaper::new(settings);
     let lease_key = format!("{}:scheduler", settings.redis.key_prefix);
     let full_every = Some(Duration::from_secs(settings.scheduler.full_every_secs)).filter(|d| !d.is_zero());
     let mut leader: Option<LeaseGuard> = None;
@@ -131,8 +215,9 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
             _ = &mut shutdown => break,
             _ = ticker.tick() => {}
         }
+        live.beat();
         if leader.as_ref().is_none_or(|g| g.lost().is_cancelled()) {
-            leader = match lock::try_acquire_key(&redis, lease_key.clone(), lease).await {
+            leader = match lock::try_acquire_key(&redis, lease_key.clone(), "scheduler", lease).await {
                 Ok(guard) => guard,
                 Err(e) => {
                     tracing::warn!(error = %e, "Could not reach Redis for the scheduler lease.");
@@ -164,9 +249,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
         }
         let mut healthy = true;
         if leader.is_some() {
+            healthy &= reaper.run(&db, &publisher, &metrics).await;
             let now = Utc::now();
             for row in &rows {
-                let Some((mode, reason)) = decide(now, row, full_every) else { continue };
+                let Some((mode, reason)) = decide(now, row, full_every, backoff) else { continue };
                 let data = SyncDatabaseJob {
                     integration: row.integration.clone(),
                     database_id: row.id,
@@ -189,6 +275,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
                 }
             }
         }
+        match notify_queue_usage(&db).await {
+            Ok(usage) => metrics.notify_queue_usage.set(usage),
+            Err(e) => tracing::debug!(error = %e, "Could not read the NOTIFY queue usage."),
+        }
         metrics.scheduler_last_tick.set(Utc::now().timestamp_millis() as f64 / 1000.0);
         ready.set(healthy);
     }
@@ -199,6 +289,83 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     stop.cancel();
     tracing::info!("Scheduler stopped.");
     Ok(())
+}
+
+/// The leader's clean-up pass, once per tick.
+struct Reaper {
+    /// A running run without a heartbeat for this long has lost its holder.
+    running: Duration,
+    /// A retrying run (or an unconfirmed publish) older than the longest retry tier plus this
+    /// margin will not come back by itself.
+    retrying: Duration,
+    /// A rerun request pending this long with no run to serve it is published here.
+    stranded: Duration,
+}
+
+impl Reaper {
+    fn new(settings: &Settings) -> Self {
+        let lease = Duration::from_secs(settings.worker.lease_secs);
+        let longest_tier = settings
+            .amqp
+            .retry_tiers
+            .iter()
+            .map(|t| Duration::from_millis(t.delay_ms))
+            .max()
+            .unwrap_or_default();
+        Self {
+            running: Duration::from_secs(settings.scheduler.reap_running_after_secs).max(lease * 2),
+            retrying: longest_tier + Duration::from_secs(300),
+            stranded: lease * 2 + Duration::from_secs(settings.scheduler.tick_secs),
+        }
+    }
+
+    /// Returns whether everything it needed to do worked.
+    async fn run(&self, db: &DatabaseConnection, publisher: &JobPublisher, metrics: &Metrics) -> bool {
+        let mut ok = true;
+        match runs::reap(db, self.running, self.retrying).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.runs_reaped.inc_by(n);
+                tracing::warn!(
+                    runs = n,
+                    "Reaped runs whose worker is gone; their databases are scheduled again."
+                );
+            }
+            Err(e) => {
+                ok = false;
+                tracing::warn!(error = %e, "The reaper could not read the runs; will try again.");
+            }
+        }
+        let stranded = match rerun::stranded(db, self.stranded).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "The reaper could not read pending rerun requests.");
+                return false;
+            }
+        };
+        for (database_id, integration, pending) in stranded {
+            let data = SyncDatabaseJob {
+                integration,
+                database_id,
+                mode: pending.mode,
+                priority: Priority::Normal,
+                reason: Reason::Rerun,
+            };
+            match publisher.publish(db, "urn:syncfleet:scheduler", data).await {
+                Ok(job) => {
+                    tracing::info!(job.id = %job.id, database = %database_id, "Published a rerun request no run had served.");
+                    if let Err(e) = rerun::clear(db, database_id, pending).await {
+                        tracing::warn!(error = %e, "Could not clear a served rerun request; it may run once more.");
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(error = %e, database = %database_id, "Could not publish a pending rerun request.");
+                }
+            }
+        }
+        ok
+    }
 }
 
 #[cfg(test)]
@@ -215,13 +382,19 @@ mod tests {
             last_full: None,
             last_success: None,
             active: false,
+            enabled: true,
+            failures: 0,
+            last_failure: None,
         }
     }
+
+    const BACKOFF: FailureBackoff =
+        FailureBackoff { base: Duration::from_secs(60), max: Duration::from_secs(6 * 3600) };
 
     #[test]
     fn a_database_never_synced_gets_a_full_reconciliation_first() {
         let day = Some(Duration::from_secs(86_400));
-        assert_eq!(decide(Utc::now(), &row(), day), Some((SyncMode::Full, Reason::Reconcile)));
+        assert_eq!(decide(Utc::now(), &row(), day, BACKOFF), Some((SyncMode::Full, Reason::Reconcile)));
     }
 
     #[test]
@@ -231,17 +404,53 @@ mod tests {
         let mut r = row();
         r.last_full = Some(now - chrono::Duration::hours(3));
         r.last_enqueued = Some(now - chrono::Duration::seconds(100));
-        assert_eq!(decide(now, &r, day), None, "interval not over");
+        assert_eq!(decide(now, &r, day, BACKOFF), None, "interval not over");
         r.last_enqueued = Some(now - chrono::Duration::seconds(301));
-        assert_eq!(decide(now, &r, day), Some((SyncMode::Incremental, Reason::Schedule)));
+        assert_eq!(decide(now, &r, day, BACKOFF), Some((SyncMode::Incremental, Reason::Schedule)));
         r.active = true;
-        assert_eq!(decide(now, &r, day), None);
+        assert_eq!(decide(now, &r, day, BACKOFF), None);
         r.active = false;
         r.last_full = Some(now - chrono::Duration::hours(25));
-        assert_eq!(decide(now, &r, day), Some((SyncMode::Full, Reason::Reconcile)));
+        assert_eq!(decide(now, &r, day, BACKOFF), Some((SyncMode::Full, Reason::Reconcile)));
         r.interval = None;
         r.last_full = Some(now);
-        assert_eq!(decide(now, &r, day), None, "on-demand databases only get the nightly full");
-        assert_eq!(decide(now, &r, None), None);
+        assert_eq!(decide(now, &r, day, BACKOFF), None, "on-demand databases only get the nightly full");
+        assert_eq!(decide(now, &r, None, BACKOFF), None);
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn a_database_whose_runs_keep_failing_is_retried_with_exponential_backoff() {
+        let backoff = FailureBackoff { base: Duration::from_secs(60), max: Duration::from_secs(3600) };
+        assert_eq!(backoff.after(0), Duration::ZERO);
+        assert_eq!(backoff.after(1), Duration::from_secs(60));
+        assert_eq!(backoff.after(3), Duration::from_secs(240));
+        assert_eq!(backoff.after(40), Duration::from_secs(3600));
+        let now = Utc::now();
+        let mut r = DueRow {
+            id: Uuid::nil(),
+            integration: "acme".into(),
+            slug: "tasks".into(),
+            interval: Some(Duration::from_secs(5)),
+            last_enqueued: Some(now - chrono::Duration::seconds(100)),
+            last_full: None,
+            last_success: None,
+            active: false,
+            enabled: true,
+            failures: 3,
+            last_failure: Some(now - chrono::Duration::seconds(100)),
+        };
+        let day = Some(Duration::from_secs(86_400));
+        assert_eq!(
+            decide(now, &r, day, backoff),
+            None,
+            "a failed full run is an attempt: no new job every tick"
+        );
+        r.last_failure = Some(now - chrono::Duration::seconds(241));
+        assert_eq!(decide(now, &r, day, backoff), Some((SyncMode::Full, Reason::Reconcile)));
     }
 }

@@ -11,7 +11,13 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261122_000001_init::Migration), Box::new(m20261122_000002_sync_semantics::Migration)]
+        vec![
+            Box::new(m20261122_000001_init::Migration),
+            Box::new(m20261122_000002_sync_semantics::Migration),
+            Box::new(m20261124_000003_exactness::Migration),
+            Box::new(m20261124_000004_confirmations::Migration),
+            Box::new(m20261124_000005_control_plane::Migration),
+        ]
     }
 }
 
@@ -200,6 +206,184 @@ $$;
 
     const DOWN: &str = "DROP SCHEMA notion CASCADE; DROP TABLE sync_page_errors; DROP TABLE notion_page_versions; \
         ALTER TABLE notion_databases DROP COLUMN mapping, DROP COLUMN view_hash;";
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
+        }
+    }
+}
+
+/// Exactness under interleaving: the full-run seen marker (deletions depend only on what a
+/// full run saw), durable coalesced rerun requests, fenced run bookkeeping with heartbeats,
+/// dead-letter confirmation, the `abandoned` status the reaper gives runs whose holder is gone,
+/// and the typed view's last DDL error.
+mod m20261124_000003_exactness {
+    use sea_orm_migration::prelude::*;
+
+    pub struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m20261124_000003_exactness"
+        }
+    }
+
+    const UP: &str = r#"
+ALTER TABLE notion_pages ADD COLUMN seen_full_at timestamptz;
+-- Pages whose last writer was a full run were seen by it.
+UPDATE notion_pages p SET seen_full_at = r.started_at
+FROM sync_runs r WHERE r.id = p.last_seen_run AND r.mode = 'full';
+
+ALTER TABLE notion_databases
+    ADD COLUMN rerun_mode text CHECK (rerun_mode IN ('full', 'incremental')),
+    ADD COLUMN rerun_seq bigint NOT NULL DEFAULT 0,
+    ADD COLUMN rerun_requested_at timestamptz,
+    ADD COLUMN view_error text;
+
+ALTER TABLE sync_runs
+    ADD COLUMN fence bigint,
+    ADD COLUMN heartbeat_at timestamptz,
+    ADD COLUMN dead_lettered_at timestamptz,
+    DROP CONSTRAINT sync_runs_status_check,
+    ADD CONSTRAINT sync_runs_status_check CHECK (status IN
+        ('queued', 'running', 'retrying', 'abandoned', 'succeeded', 'partial', 'failed', 'skipped'));
+CREATE INDEX sync_runs_active ON sync_runs (status, heartbeat_at) WHERE status IN ('queued', 'running', 'retrying');
+"#;
+
+    const DOWN: &str = "DROP INDEX sync_runs_active; \
+        UPDATE sync_runs SET status = 'failed' WHERE status = 'abandoned'; \
+        ALTER TABLE sync_runs DROP CONSTRAINT sync_runs_status_check, \
+            ADD CONSTRAINT sync_runs_status_check CHECK (status IN \
+            ('queued', 'running', 'retrying', 'succeeded', 'partial', 'failed', 'skipped')), \
+            DROP COLUMN fence, DROP COLUMN heartbeat_at, DROP COLUMN dead_lettered_at; \
+        ALTER TABLE notion_databases DROP COLUMN rerun_mode, DROP COLUMN rerun_seq, \
+            DROP COLUMN rerun_requested_at, DROP COLUMN view_error; \
+        ALTER TABLE notion_pages DROP COLUMN seen_full_at;";
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
+        }
+    }
+}
+
+/// Deletion confirmations counted per run, and the durable claims that de-duplicate failure
+/// notifications (a Redis restart must not announce the same failure twice).
+mod m20261124_000004_confirmations {
+    use sea_orm_migration::prelude::*;
+
+    pub struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m20261124_000004_confirmations"
+        }
+    }
+
+    const UP: &str = r#"
+ALTER TABLE sync_runs
+    ADD COLUMN IF NOT EXISTS deletion_checks bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS deletions_refuted bigint NOT NULL DEFAULT 0;
+
+CREATE TABLE IF NOT EXISTS notification_claims (
+    subject     text NOT NULL,
+    kind        text NOT NULL,
+    claimed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subject, kind)
+);
+"#;
+
+    const DOWN: &str = "DROP TABLE notification_claims; \
+        ALTER TABLE sync_runs DROP COLUMN deletion_checks, DROP COLUMN deletions_refuted;";
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
+        }
+    }
+}
+
+/// The control plane: databases can be disabled (the scheduler leaves them alone), and every
+/// change to a run is announced with `NOTIFY syncfleet_runs` carrying the run's state and its
+/// change sequence, so the API streams progress to any number of clients from one `LISTEN`.
+mod m20261124_000005_control_plane {
+    use sea_orm_migration::prelude::*;
+
+    pub struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m20261124_000005_control_plane"
+        }
+    }
+
+    const UP: &str = r#"
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS enabled boolean NOT NULL DEFAULT true;
+ALTER TABLE sync_runs ADD COLUMN IF NOT EXISTS change_seq bigint NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS sync_runs_history ON sync_runs (enqueued_at DESC, id DESC);
+
+CREATE OR REPLACE FUNCTION syncfleet_run_seq() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    NEW.change_seq := OLD.change_seq + 1;
+    RETURN NEW;
+END
+$fn$;
+
+-- NOTIFY refuses payloads of 8000 bytes or more, and a refused NOTIFY would abort the worker's
+-- transaction: the text fields are cut (the error message at 1000 characters, the API reads the
+-- whole run when asked), and a payload still too long is sent without them.
+CREATE OR REPLACE FUNCTION syncfleet_run_notify() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    payload jsonb;
+BEGIN
+    payload := jsonb_build_object(
+        'id', NEW.id, 'seq', NEW.change_seq, 'database_id', NEW.database_id,
+        'integration', left(NEW.integration, 200), 'mode', left(NEW.mode, 50), 'reason', left(NEW.reason, 50),
+        'status', left(NEW.status, 50), 'attempt', NEW.attempt,
+        'enqueued_at', NEW.enqueued_at, 'started_at', NEW.started_at, 'finished_at', NEW.finished_at,
+        'requests', NEW.requests, 'rate_limited', NEW.rate_limited,
+        'pages_seen', NEW.pages_seen, 'pages_created', NEW.pages_created,
+        'pages_updated', NEW.pages_updated, 'pages_unchanged', NEW.pages_unchanged,
+        'pages_deleted', NEW.pages_deleted, 'pages_invalid', NEW.pages_invalid,
+        'error_kind', left(NEW.error_kind, 100), 'error_message', left(NEW.error_message, 1000)
+    );
+    IF octet_length(payload::text) > 7000 THEN
+        payload := payload || '{"integration": "", "error_message": null}'::jsonb;
+    END IF;
+    PERFORM pg_notify('syncfleet_runs', payload::text);
+    RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS sync_runs_seq ON sync_runs;
+CREATE TRIGGER sync_runs_seq BEFORE UPDATE ON sync_runs
+    FOR EACH ROW EXECUTE FUNCTION syncfleet_run_seq();
+DROP TRIGGER IF EXISTS sync_runs_notify ON sync_runs;
+CREATE TRIGGER sync_runs_notify AFTER INSERT OR UPDATE ON sync_runs
+    FOR EACH ROW EXECUTE FUNCTION syncfleet_run_notify();
+"#;
+
+    const DOWN: &str = "DROP TRIGGER IF EXISTS sync_runs_notify ON sync_runs; \
+        DROP TRIGGER IF EXISTS sync_runs_seq ON sync_runs; \
+        DROP FUNCTION IF EXISTS syncfleet_run_notify(); DROP FUNCTION IF EXISTS syncfleet_run_seq(); \
+        DROP INDEX IF EXISTS sync_runs_history; \
+        ALTER TABLE sync_runs DROP COLUMN change_seq; ALTER TABLE notion_databases DROP COLUMN enabled;";
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {

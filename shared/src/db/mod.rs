@@ -4,6 +4,7 @@ pub mod entities;
 pub mod fence;
 pub mod migration;
 pub mod pages;
+pub mod rerun;
 pub mod runs;
 pub mod views;
 
@@ -33,7 +34,14 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         .min_connections(0)
         .connect_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1)))
         .acquire_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1)))
-        .sqlx_logging(false);
+        .sqlx_logging(false)
+        // Bounded waits on every connection: a worker paused (SIGSTOP, a frozen VM) inside a
+        // transaction has its session ended instead of holding row locks forever, and nothing
+        // queues behind such locks without limit — the statement fails, and the failure policy
+        // retries it.
+        .map_sqlx_postgres_opts(|o| {
+            o.options([("idle_in_transaction_session_timeout", "60s"), ("lock_timeout", "30s")])
+        });
     probe_tcp(settings).await?;
     let db = Database::connect(options).await.map_err(|e| connect_error(settings, &e))?;
     // `connect` is lazy for some drivers; make an unreachable server fail here, clearly.
@@ -59,15 +67,8 @@ async fn probe_tcp(settings: &DatabaseSettings) -> Result<(), DbError> {
 }
 
 fn connect_error(settings: &DatabaseSettings, error: &DbErr) -> DbError {
-    let secret = settings.url.expose_secret();
-    let mut message = error.to_string();
     // Drivers should not echo the URL, but never let one through.
-    if let Ok(url) = url::Url::parse(secret)
-        && let Some(pw) = url.password()
-        && !pw.is_empty()
-    {
-        message = message.replace(pw, "****");
-    }
+    let message = crate::secret::scrub(&error.to_string(), settings.url.expose_secret());
     DbError::Connect { url: settings.display_url(), message }
 }
 

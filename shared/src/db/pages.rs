@@ -3,7 +3,11 @@
 //!
 //! The batch travels as one array per column (`unnest`), so a batch of 100 pages is one round
 //! trip and PostgreSQL parses each page's JSON exactly once. A page whose `content_hash` is unchanged is not rewritten
-//! (a full run only stamps `last_seen_run` on it, which deletion detection needs).
+//! (a full run only stamps `seen_full_at` on it, which deletion detection needs).
+//!
+//! Deletion depends only on what a full run saw: `seen_full_at` holds the start time (on
+//! PostgreSQL's clock) of the newest full run that read the page, and only full runs write it.
+//! `last_seen_run` is just the last run that wrote the row.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
@@ -13,7 +17,10 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct PageRow {
     pub page_id: Uuid,
-    pub properties: serde_json::Value,
+    /// The properties keyed by property id, as JSON text: serialized once, where the page was
+    /// parsed, so a batch carries compact strings and binding it copies bytes instead of
+    /// deep-cloning JSON trees.
+    pub properties: String,
     pub url: Option<String>,
     pub created_time: DateTime<Utc>,
     pub last_edited_time: DateTime<Utc>,
@@ -34,11 +41,11 @@ pub struct BatchCounts {
 
 const UPSERT: &str = r#"
 WITH input AS (
-    SELECT page_id, properties, NULLIF(url, '') AS url, created_time, last_edited_time,
+    SELECT page_id, properties::jsonb AS properties, NULLIF(url, '') AS url, created_time, last_edited_time,
            NULLIF(created_by, '00000000-0000-0000-0000-000000000000') AS created_by,
            NULLIF(last_edited_by, '00000000-0000-0000-0000-000000000000') AS last_edited_by,
            archived, in_trash, content_hash
-    FROM unnest($5::uuid[], $6::jsonb[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::uuid[],
+    FROM unnest($5::uuid[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::uuid[],
                 $11::uuid[], $12::boolean[], $13::boolean[], $14::text[])
         AS r(page_id, properties, url, created_time, last_edited_time, created_by, last_edited_by,
              archived, in_trash, content_hash)
@@ -62,9 +69,9 @@ versioned AS (
 upserted AS (
     INSERT INTO notion_pages AS p (database_id, page_id, properties, url, created_time, last_edited_time,
         created_by, last_edited_by, archived, in_trash, deleted_at, content_hash, last_seen_run,
-        written_fence, synced_at)
+        written_fence, synced_at, seen_full_at)
     SELECT $1, page_id, properties, url, created_time, last_edited_time, created_by, last_edited_by,
-        archived, in_trash, NULL, content_hash, $2, $3, now()
+        archived, in_trash, NULL, content_hash, $2, $3, now(), $4::timestamptz
     FROM input
     ON CONFLICT (database_id, page_id) DO UPDATE SET
         properties = EXCLUDED.properties, url = EXCLUDED.url,
@@ -72,10 +79,14 @@ upserted AS (
         created_by = EXCLUDED.created_by, last_edited_by = EXCLUDED.last_edited_by,
         archived = EXCLUDED.archived, in_trash = EXCLUDED.in_trash, deleted_at = NULL,
         content_hash = EXCLUDED.content_hash, last_seen_run = EXCLUDED.last_seen_run,
-        written_fence = EXCLUDED.written_fence, synced_at = now()
+        written_fence = EXCLUDED.written_fence,
+        -- `synced_at` is when the content was last written: a stamp alone does not move it.
+        synced_at = CASE WHEN p.content_hash IS DISTINCT FROM EXCLUDED.content_hash OR p.deleted_at IS NOT NULL
+                         THEN now() ELSE p.synced_at END,
+        seen_full_at = GREATEST(p.seen_full_at, EXCLUDED.seen_full_at)
     WHERE p.content_hash IS DISTINCT FROM EXCLUDED.content_hash
        OR p.deleted_at IS NOT NULL
-       OR ($4 AND p.last_seen_run IS DISTINCT FROM EXCLUDED.last_seen_run)
+       OR ($4::timestamptz IS NOT NULL AND (p.seen_full_at IS NULL OR p.seen_full_at < $4::timestamptz))
     RETURNING p.page_id
 )
 SELECT
@@ -91,13 +102,14 @@ FROM input i LEFT JOIN existing e ON e.page_id = i.page_id
 /// Upserts `rows` (page ids must be unique within the batch) for `database_id`. Takes the rows
 /// by value so the (large) property documents move into the statement instead of being copied.
 ///
-/// `stamp_seen` marks unchanged rows as seen by `run_id` too (full runs need it for deletions).
+/// `seen_full_at` is the start of the full run writing the batch (`None` for incremental runs):
+/// every row, unchanged ones included, is stamped as seen by it.
 pub async fn upsert_batch<C: ConnectionTrait>(
     conn: &C,
     database_id: Uuid,
     run_id: Uuid,
     fence: i64,
-    stamp_seen: bool,
+    seen_full_at: Option<DateTime<Utc>>,
     rows: Vec<PageRow>,
 ) -> Result<BatchCounts, DbErr> {
     if rows.is_empty() {
@@ -134,7 +146,7 @@ pub async fn upsert_batch<C: ConnectionTrait>(
             database_id.into(),
             run_id.into(),
             fence.into(),
-            stamp_seen.into(),
+            seen_full_at.into(),
             page_ids.into(),
             documents.into(),
             urls.into(),
@@ -156,17 +168,65 @@ pub async fn upsert_batch<C: ConnectionTrait>(
     })
 }
 
-/// After a complete full run: marks live pages that the run did not see as deleted.
-pub async fn mark_unseen_deleted<C: ConnectionTrait>(
+/// Stamps pages a full run saw but could not store (they failed validation): they exist in
+/// Notion, so their rows stay live.
+pub async fn stamp_seen<C: ConnectionTrait>(
     conn: &C,
     database_id: Uuid,
-    run_id: Uuid,
+    seen_full_at: DateTime<Utc>,
+    page_ids: Vec<Uuid>,
+) -> Result<(), DbErr> {
+    if page_ids.is_empty() {
+        return Ok(());
+    }
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE notion_pages SET seen_full_at = GREATEST(seen_full_at, $2) \
+         WHERE database_id = $1 AND page_id = ANY($3)",
+        [database_id.into(), seen_full_at.into(), page_ids.into()],
+    ))
+    .await
+    .map(|_| ())
+}
+
+/// Live pages that the full run started at `run_started` (PostgreSQL's clock) did not see:
+/// the candidates for deletion. A row written after the run started (by an incremental run
+/// while this one was interrupted, or by a later full run) is never a candidate: this run
+/// cannot tell whether it passed that page's place before the write.
+pub async fn unseen<C: ConnectionTrait>(
+    conn: &C,
+    database_id: Uuid,
+    run_started: DateTime<Utc>,
+) -> Result<Vec<Uuid>, DbErr> {
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT page_id FROM notion_pages \
+             WHERE database_id = $1 AND deleted_at IS NULL \
+               AND (seen_full_at IS NULL OR seen_full_at < $2) AND synced_at < $2 \
+             ORDER BY seen_full_at NULLS FIRST, page_id",
+            [database_id.into(), run_started.into()],
+        ))
+        .await?;
+    rows.iter().map(|r| r.try_get("", "page_id")).collect()
+}
+
+/// Marks `page_ids` deleted, unless a write after `run_started` brought one back meanwhile.
+pub async fn mark_deleted<C: ConnectionTrait>(
+    conn: &C,
+    database_id: Uuid,
+    run_started: DateTime<Utc>,
+    page_ids: Vec<Uuid>,
 ) -> Result<u64, DbErr> {
+    if page_ids.is_empty() {
+        return Ok(0);
+    }
     let stmt = Statement::from_sql_and_values(
         DbBackend::Postgres,
         "UPDATE notion_pages SET deleted_at = now(), synced_at = now() \
-         WHERE database_id = $1 AND deleted_at IS NULL AND last_seen_run IS DISTINCT FROM $2",
-        [database_id.into(), run_id.into()],
+         WHERE database_id = $1 AND page_id = ANY($3) AND deleted_at IS NULL \
+           AND (seen_full_at IS NULL OR seen_full_at < $2) AND synced_at < $2",
+        [database_id.into(), run_started.into(), page_ids.into()],
     );
     Ok(conn.execute_raw(stmt).await?.rows_affected())
 }

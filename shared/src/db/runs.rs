@@ -45,6 +45,9 @@ pub struct RunDelta {
     pub unchanged: i64,
     pub deleted: i64,
     pub invalid: i64,
+    /// `GET /v1/pages/{id}` confirmations of deletion candidates, and candidates found live.
+    pub deletion_checks: i64,
+    pub deletions_refuted: i64,
 }
 
 impl std::ops::AddAssign for RunDelta {
@@ -57,16 +60,36 @@ impl std::ops::AddAssign for RunDelta {
         self.unchanged += d.unchanged;
         self.deleted += d.deleted;
         self.invalid += d.invalid;
+        self.deletion_checks += d.deletion_checks;
+        self.deletions_refuted += d.deletions_refuted;
     }
 }
 
 /// What a worker finds when it starts a job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StartOutcome {
-    /// The run already reached a final state (a redelivery): ack without rerunning.
-    AlreadyFinal(String),
-    /// The attempt is recorded; resume from the checkpoint when there is one.
-    Started { checkpoint: Option<Checkpoint> },
+    /// The run already reached a final state (a redelivery): ack without rerunning — unless it
+    /// failed and its dead letter was never confirmed, which is then sent again.
+    AlreadyFinal { status: String, dead_lettered: bool },
+    /// The attempt is recorded under the caller's fence.
+    Started(Started),
+}
+
+/// A started (or resumed) attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Started {
+    /// Where to resume, when an earlier attempt committed progress.
+    pub checkpoint: Option<Checkpoint>,
+    /// The run's mode as stored: a coalesced `full` request can upgrade an incremental job, and a
+    /// retry of it must stay full.
+    pub mode: String,
+    /// When the run first started, on PostgreSQL's clock (kept across attempts). A full run's
+    /// deletion scan only trusts rows written before it.
+    pub started_at: DateTime<Utc>,
+    /// When the PostgreSQL server this attempt started on came up (`pg_postmaster_start_time()`).
+    /// Intermediate batches commit without waiting for the WAL; if the server restarts (or fails
+    /// over) mid-run, some of them may be lost, so every later write checks this is unchanged.
+    pub server_started: DateTime<Utc>,
 }
 
 /// The job's identifying columns ($1..$5: id, database, integration, mode, reason), then `more`.
@@ -94,38 +117,84 @@ pub async fn insert_queued<C: ConnectionTrait>(conn: &C, job: &JobEnvelope) -> R
     .map(|_| ())
 }
 
-/// Records that `worker` starts `attempt` of a job, unless the run is already final.
+/// Records that `worker`, holding the database's lock with `fence`, starts `attempt` of a job,
+/// unless the run is already final or a newer holder has started it.
 pub async fn start_attempt<C: ConnectionTrait>(
     conn: &C,
     job: &JobEnvelope,
     attempt: u32,
     worker: &str,
+    fence: i64,
 ) -> Result<StartOutcome, DbErr> {
     let row = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "INSERT INTO sync_runs (id, database_id, integration, mode, reason, status, attempt, worker, \
-                 enqueued_at, started_at) \
-             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, COALESCE($8, now()), now()) \
+                 enqueued_at, started_at, fence, heartbeat_at) \
+             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, COALESCE($8, now()), now(), $9, now()) \
              ON CONFLICT (id) DO UPDATE SET status = 'running', attempt = EXCLUDED.attempt, \
                  worker = EXCLUDED.worker, started_at = COALESCE(sync_runs.started_at, now()), \
+                 fence = EXCLUDED.fence, heartbeat_at = now(), \
                  finished_at = NULL, error_kind = NULL, error_message = NULL \
              WHERE sync_runs.status NOT IN ('succeeded', 'partial', 'failed', 'skipped') \
-             RETURNING checkpoint",
-            job_values(job, [(attempt as i32).into(), worker.into(), job.time.into()]),
+               AND (sync_runs.fence IS NULL OR sync_runs.fence < EXCLUDED.fence) \
+             RETURNING checkpoint, mode, started_at, pg_postmaster_start_time() AS server_started",
+            job_values(job, [(attempt as i32).into(), worker.into(), job.time.into(), fence.into()]),
         ))
         .await?;
     match row {
         Some(row) => {
             let checkpoint: Option<serde_json::Value> = row.try_get("", "checkpoint")?;
             let checkpoint = checkpoint.and_then(|v| serde_json::from_value(v).ok());
-            Ok(StartOutcome::Started { checkpoint })
+            Ok(StartOutcome::Started(Started {
+                checkpoint,
+                mode: row.try_get("", "mode")?,
+                started_at: row.try_get("", "started_at")?,
+                server_started: row.try_get("", "server_started")?,
+            }))
         }
         None => {
-            let status = current_status(conn, job.id).await?.unwrap_or_else(|| status::SUCCEEDED.into());
-            Ok(StartOutcome::AlreadyFinal(status))
+            let row = conn
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT status, dead_lettered_at IS NOT NULL AS dead_lettered FROM sync_runs WHERE id = $1",
+                    [job.id.into()],
+                ))
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound(format!("run {}", job.id)))?;
+            let status: String = row.try_get("", "status")?;
+            if !status::is_final(&status) {
+                // A newer holder started this run: this delivery is a stale duplicate.
+                return Err(DbErr::Custom(format!("run {} is held by a newer fence", job.id)));
+            }
+            Ok(StartOutcome::AlreadyFinal { status, dead_lettered: row.try_get("", "dead_lettered")? })
         }
     }
+}
+
+/// Upgrades a started run to `mode` (a coalesced full request taken by an incremental job).
+pub async fn set_mode<C: ConnectionTrait>(
+    conn: &C,
+    run_id: Uuid,
+    fence: i64,
+    mode: &str,
+) -> Result<(), DbErr> {
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE sync_runs SET mode = $3 WHERE id = $1 AND fence = $2",
+        [run_id.into(), fence.into(), mode.into()],
+    ))
+    .await
+    .map(|_| ())
+}
+
+/// The run's row, if it exists.
+pub async fn find<C: ConnectionTrait>(
+    conn: &C,
+    run_id: Uuid,
+) -> Result<Option<super::entities::sync_run::Model>, DbErr> {
+    use sea_orm::EntityTrait;
+    super::entities::sync_run::Entity::find_by_id(run_id).one(conn).await
 }
 
 /// The status of a run, if the run exists.
@@ -154,7 +223,9 @@ pub async fn record_progress<C: ConnectionTrait>(
              pages_seen = pages_seen + $4, pages_created = pages_created + $5, \
              pages_updated = pages_updated + $6, pages_unchanged = pages_unchanged + $7, \
              pages_deleted = pages_deleted + $8, pages_invalid = pages_invalid + $9, \
-             checkpoint = COALESCE($10, checkpoint) \
+             deletion_checks = deletion_checks + $11, deletions_refuted = deletions_refuted + $12, \
+             checkpoint = COALESCE($10, checkpoint), heartbeat_at = now(), \
+             status = CASE WHEN status = 'abandoned' THEN 'running' ELSE status END \
          WHERE id = $1",
         [
             run_id.into(),
@@ -167,54 +238,165 @@ pub async fn record_progress<C: ConnectionTrait>(
             delta.deleted.into(),
             delta.invalid.into(),
             checkpoint.into(),
+            delta.deletion_checks.into(),
+            delta.deletions_refuted.into(),
         ],
     ))
     .await
     .map(|_| ())
 }
 
-/// Moves a run to `status` with an optional error; `finished_at` is set for final states.
-pub async fn set_status<C: ConnectionTrait>(
+/// A status change with its optional error (`kind`, `message`).
+#[derive(Debug, Clone, Copy)]
+pub struct StatusChange<'a> {
+    pub status: &'a str,
+    pub error: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> StatusChange<'a> {
+    pub fn new(status: &'a str) -> Self {
+        Self { status, error: None }
+    }
+
+    pub fn with_error(status: &'a str, kind: &'a str, message: &'a str) -> Self {
+        Self { status, error: Some((kind, message)) }
+    }
+}
+
+/// Moves a run to a new status as the lock holder with `fence`. Refused (returns `false`) once
+/// the run is final or when another holder has started it since: a stale worker can never
+/// overwrite the run another worker executes, nor flip a final run.
+pub async fn set_status_held<C: ConnectionTrait>(
     conn: &C,
     run_id: Uuid,
-    new_status: &str,
-    error: Option<(&str, &str)>,
-) -> Result<(), DbErr> {
-    let finished = status::is_final(new_status);
-    conn.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "UPDATE sync_runs SET status = $2, error_kind = $3, error_message = $4, \
-             finished_at = CASE WHEN $5 THEN now() ELSE finished_at END \
-         WHERE id = $1",
-        [
-            run_id.into(),
-            new_status.into(),
-            error.map(|e| e.0.to_string()).into(),
-            error.map(|e| e.1.to_string()).into(),
-            finished.into(),
-        ],
-    ))
-    .await
-    .map(|_| ())
+    fence: i64,
+    change: StatusChange<'_>,
+) -> Result<bool, DbErr> {
+    let finished = status::is_final(change.status);
+    let result = conn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE sync_runs SET status = $3, error_kind = $4, error_message = $5, heartbeat_at = now(), \
+                 finished_at = CASE WHEN $6 THEN now() ELSE finished_at END \
+             WHERE id = $1 AND fence = $2 AND status NOT IN ('succeeded', 'partial', 'failed', 'skipped')",
+            [
+                run_id.into(),
+                fence.into(),
+                change.status.into(),
+                change.error.map(|e| e.0.to_string()).into(),
+                change.error.map(|e| e.1.to_string()).into(),
+                finished.into(),
+            ],
+        ))
+        .await?;
+    Ok(result.rows_affected() == 1)
 }
 
-/// Records a job that found its database busy as `skipped` (a rerun was requested instead).
+/// Records a status for a job whose attempt holds no lock (it failed before taking one, or found
+/// the database busy). It creates the row when the job came from a publisher that recorded
+/// none, and changes only a run nobody executes: queued, retrying, abandoned, or running under
+/// a holder whose heartbeat is older than `stale`.
+pub async fn set_status_unheld<C: ConnectionTrait>(
+    conn: &C,
+    job: &JobEnvelope,
+    attempt: u32,
+    change: StatusChange<'_>,
+    stale: std::time::Duration,
+) -> Result<bool, DbErr> {
+    let finished = status::is_final(change.status);
+    let result = conn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO sync_runs (id, database_id, integration, mode, reason, status, attempt, enqueued_at, \
+                 heartbeat_at, finished_at, error_kind, error_message) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8, now()), now(), CASE WHEN $9 THEN now() END, $10, $11) \
+             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, attempt = EXCLUDED.attempt, \
+                 heartbeat_at = now(), finished_at = EXCLUDED.finished_at, \
+                 error_kind = EXCLUDED.error_kind, error_message = EXCLUDED.error_message \
+             WHERE sync_runs.status IN ('queued', 'retrying', 'abandoned') \
+                OR (sync_runs.status = 'running' AND COALESCE(sync_runs.heartbeat_at, sync_runs.enqueued_at) \
+                    < now() - make_interval(secs => $12))",
+            job_values(
+                job,
+                [
+                    change.status.into(),
+                    (attempt as i32).into(),
+                    job.time.into(),
+                    finished.into(),
+                    change.error.map(|e| e.0.to_string()).into(),
+                    change.error.map(|e| e.1.to_string()).into(),
+                    stale.as_secs_f64().into(),
+                ],
+            ),
+        ))
+        .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// A job that found its database busy: `skipped`, its request recorded as a rerun instead.
 pub async fn mark_skipped<C: ConnectionTrait>(
     conn: &C,
     job: &JobEnvelope,
     attempt: u32,
-) -> Result<(), DbErr> {
+    stale: std::time::Duration,
+) -> Result<bool, DbErr> {
+    let change = StatusChange::with_error(
+        status::SKIPPED,
+        "database_busy",
+        "another sync of this database was running; its holder runs one more pass for this request",
+    );
+    set_status_unheld(conn, job, attempt, change, stale).await
+}
+
+/// Marks the run's dead letter as confirmed by the broker.
+pub async fn mark_dead_lettered<C: ConnectionTrait>(conn: &C, run_id: Uuid) -> Result<(), DbErr> {
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "INSERT INTO sync_runs (id, database_id, integration, mode, reason, status, attempt, enqueued_at, finished_at, \
-             error_kind, error_message) \
-         VALUES ($1, $2, $3, $4, $5, 'skipped', $6, COALESCE($7, now()), now(), 'database_busy', \
-             'another sync of this database was running; it will run one more incremental pass') \
-         ON CONFLICT (id) DO UPDATE SET status = 'skipped', attempt = EXCLUDED.attempt, finished_at = now(), \
-             error_kind = EXCLUDED.error_kind, error_message = EXCLUDED.error_message \
-         WHERE sync_runs.status NOT IN ('succeeded', 'partial', 'failed', 'skipped')",
-        job_values(job, [(attempt as i32).into(), job.time.into()]),
+        "UPDATE sync_runs SET dead_lettered_at = COALESCE(dead_lettered_at, now()) WHERE id = $1",
+        [run_id.into()],
     ))
     .await
     .map(|_| ())
+}
+
+/// Refreshes a running run's heartbeat; `false` when this holder no longer owns it. A run the
+/// reaper marked `abandoned` while its holder was only cut off (a PostgreSQL outage longer than
+/// the reaper's period) is `running` again.
+pub async fn heartbeat<C: ConnectionTrait>(conn: &C, run_id: Uuid, fence: i64) -> Result<bool, DbErr> {
+    let result = conn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE sync_runs SET heartbeat_at = now(), status = 'running' \
+             WHERE id = $1 AND fence = $2 AND status IN ('running', 'abandoned')",
+            [run_id.into(), fence.into()],
+        ))
+        .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Moves runs whose holder is gone to `abandoned`: running without a heartbeat for `running`,
+/// waiting in a retry tier for longer than any tier holds a message (`retrying`), or queued
+/// with an unconfirmed publish for `retrying` too (the broker most likely never took it). Their
+/// databases are then no longer "active" for the scheduler; a redelivered message still
+/// resumes such a run. Returns how many were reaped.
+pub async fn reap<C: ConnectionTrait>(
+    conn: &C,
+    running: std::time::Duration,
+    retrying: std::time::Duration,
+) -> Result<u64, DbErr> {
+    let result = conn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE sync_runs SET status = 'abandoned', error_kind = 'holder_lost', \
+                 error_message = 'no worker has reported on this run for too long; a redelivery resumes it' \
+             WHERE (status = 'running' \
+                    AND COALESCE(heartbeat_at, started_at, enqueued_at) < now() - make_interval(secs => $1)) \
+                OR (status = 'retrying' \
+                    AND COALESCE(heartbeat_at, enqueued_at) < now() - make_interval(secs => $2)) \
+                OR (status = 'queued' AND error_kind = 'publish_unconfirmed' \
+                    AND COALESCE(heartbeat_at, enqueued_at) < now() - make_interval(secs => $2))",
+            [running.as_secs_f64().into(), retrying.as_secs_f64().into()],
+        ))
+        .await?;
+    Ok(result.rows_affected())
 }

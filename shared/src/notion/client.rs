@@ -76,6 +76,10 @@ pub struct NotionClient {
     /// `host[:port]` of the base URL, for the `server.address` span attribute.
     server_address: String,
     version: String,
+    /// The base URL as errors show it (credentials masked).
+    shown_base_url: String,
+    /// Longer `Retry-After`s are capped to this.
+    max_retry_after: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -96,18 +100,28 @@ impl NotionClient {
             .user_agent(concat!("syncfleet/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| NotionError::Transport {
-                base_url: settings.base_url.clone(),
+                base_url: crate::secret::redact_url(&settings.base_url),
                 endpoint: "client",
                 message: e.to_string(),
             })?;
         let base_url = settings.base_url.trim_end_matches('/').to_string();
+        // Credentials in the base URL are refused by settings validation; never echo any.
+        let shown_base_url = crate::secret::redact_url(&base_url);
         let server_address = url::Url::parse(&base_url)
             .ok()
             .and_then(|u| {
                 u.host_str().map(|h| u.port().map_or_else(|| h.to_string(), |p| format!("{h}:{p}")))
             })
             .unwrap_or_default();
-        Ok(Self { http, server_address, base_url, version: settings.version.clone(), metrics })
+        Ok(Self {
+            http,
+            server_address,
+            shown_base_url,
+            base_url,
+            version: settings.version.clone(),
+            max_retry_after: Duration::from_secs(settings.max_retry_after_secs.max(1)),
+            metrics,
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -149,15 +163,14 @@ impl NotionClient {
             .and_then(|v| DateTime::parse_from_rfc2822(v).ok())
             .map(|t| t.with_timezone(&Utc));
         if status == StatusCode::TOO_MANY_REQUESTS || status.as_u16() == 529 {
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64)
-                .unwrap_or(Duration::from_secs(1));
-            return Err(NotionError::RateLimited { status: status.as_u16(), retry_after });
+            let header = response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok());
+            let retry_after = retry_after(header, self.max_retry_after);
+            // Which limit was hit (a workspace limit pauses every integration of the workspace).
+            let body = response.bytes().await.unwrap_or_default();
+            let reason = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.pointer("/additional_data/rate_limit_reason")?.as_str().map(truncate));
+            return Err(NotionError::RateLimited { status: status.as_u16(), retry_after, reason });
         }
         let bytes = response.bytes().await.map_err(|e| self.transport(endpoint, &e))?;
         if !status.is_success() {
@@ -196,10 +209,52 @@ impl NotionClient {
             message.push_str(&s.to_string());
             source = s.source();
         }
-        NotionError::Transport { base_url: self.base_url.clone(), endpoint: endpoint.template(), message }
+        NotionError::Transport {
+            base_url: self.shown_base_url.clone(),
+            endpoint: endpoint.template(),
+            message,
+        }
     }
+}
+
+/// Reads `Retry-After` (integer or fractional seconds; Notion sends integers). Missing, negative
+/// or unreadable values mean 1 s; huge ones (`1e20`) are capped at `max` and logged instead of
+/// overflowing a `Duration`. HTTP dates are not used by Notion and read as missing.
+pub fn retry_after(header: Option<&str>, max: Duration) -> Duration {
+    let Some(secs) = header.and_then(|v| v.trim().parse::<f64>().ok()).filter(|s| s.is_finite() && *s >= 0.0)
+    else {
+        return Duration::from_secs(1);
+    };
+    if secs > max.as_secs_f64() {
+        tracing::warn!(
+            retry_after = header.unwrap_or_default(),
+            capped_secs = max.as_secs(),
+            "Notion sent a Retry-After above the configured maximum; capping it."
+        );
+        return max;
+    }
+    Duration::from_secs_f64(secs)
 }
 
 fn truncate(s: &str) -> String {
     s.chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_never_panics_and_is_capped() {
+        let max = Duration::from_secs(300);
+        assert_eq!(retry_after(Some("1e20"), max), max);
+        assert_eq!(retry_after(Some("inf"), max), Duration::from_secs(1));
+        assert_eq!(retry_after(Some("NaN"), max), Duration::from_secs(1));
+        assert_eq!(retry_after(Some("-4"), max), Duration::from_secs(1));
+        assert_eq!(retry_after(Some("0.25"), max), Duration::from_millis(250));
+        assert_eq!(retry_after(Some(" 2 "), max), Duration::from_secs(2));
+        assert_eq!(retry_after(Some("Wed, 21 Oct 2026 07:28:00 GMT"), max), Duration::from_secs(1));
+        assert_eq!(retry_after(None, max), Duration::from_secs(1));
+        assert_eq!(retry_after(Some("301"), max), max);
+    }
 }

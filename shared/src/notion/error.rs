@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// What a sync should do about a failure (see the failure table in ARCHITECTURE.md).
+/// What a sync should do about a failure (see the failure classes in docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     /// 429/529: wait `Retry-After`, fleet-wide, then continue in the same job.
@@ -16,8 +16,9 @@ pub enum FailureClass {
 /// A failed Notion request. Never carries the token.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NotionError {
+    /// `reason` is Notion's `additional_data.rate_limit_reason` (which limit was hit), if given.
     #[error("Notion rate limited the request (HTTP {status}), Retry-After {retry_after:?}")]
-    RateLimited { status: u16, retry_after: Duration },
+    RateLimited { status: u16, retry_after: Duration, reason: Option<String> },
     #[error("Notion answered {endpoint} with HTTP {status} {code}: {message}")]
     Api { endpoint: &'static str, status: u16, code: String, message: String },
     #[error("Notion rejected the pagination cursor (cursors are session-scoped)")]
@@ -31,7 +32,7 @@ pub enum NotionError {
     #[error("Notion keeps failing for this integration; requests are paused for {0:?} (circuit open)")]
     CircuitOpen(Duration),
     #[error(transparent)]
-    Budget(#[from] crate::budget_redis::BudgetError),
+    Budget(#[from] crate::budget::BudgetError),
 }
 
 impl NotionError {
@@ -42,7 +43,8 @@ impl NotionError {
                 409 | 500..=599 => FailureClass::Transient,
                 _ => FailureClass::Permanent,
             },
-            NotionError::InvalidCursor => FailureClass::Permanent,
+            // Cursors are session-scoped and expire: resume from the checkpoint.
+            NotionError::InvalidCursor => FailureClass::Transient,
             NotionError::Transport { .. }
             | NotionError::Decode { .. }
             | NotionError::RateWaitExceeded(_)

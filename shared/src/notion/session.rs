@@ -7,15 +7,14 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use rand::Rng;
 use secrecy::SecretString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::client::{Endpoint, NotionClient, Response};
 use super::error::{FailureClass, NotionError};
+use crate::budget::{Admission, CircuitState};
 use crate::budget::{Budget, BudgetKey};
-use crate::budget_redis::{Admission, CircuitState};
 
 /// Requests sent and 429/529s received, for `sync_runs` counters.
 #[derive(Debug, Default)]
@@ -38,6 +37,9 @@ pub struct NotionSession {
     token: SecretString,
     budget: Budget,
     key: BudgetKey,
+    /// The integration's workspace budget, when it belongs to a named workspace: every request
+    /// also takes a slot there, and a workspace 429 pauses it for every integration.
+    workspace: Option<BudgetKey>,
     stats: Arc<RequestStats>,
     max_transient_retries: u32,
     max_rate_wait: Duration,
@@ -62,6 +64,7 @@ impl NotionSession {
             token,
             budget,
             key,
+            workspace: None,
             stats: Arc::new(RequestStats::default()),
             max_transient_retries: settings.max_transient_retries,
             max_rate_wait: Duration::from_secs(settings.max_rate_wait_secs),
@@ -72,6 +75,18 @@ impl NotionSession {
     /// Makes sure the integration's metric label sets exist.
     fn observed(self) -> Self {
         self.client.metrics().observe_integration(&self.key.integration, self.key.rate);
+        self
+    }
+
+    /// Shares `workspace`'s budget with its other integrations (`rate` 0: no limit of its own,
+    /// only the fleet-wide pause a workspace 429 sets).
+    pub fn with_workspace(mut self, workspace: Option<&str>, rate: f64, burst: u32) -> Self {
+        // The name lands inside a Redis hash tag: braces would split it on a Redis Cluster.
+        self.workspace = workspace.filter(|w| !w.is_empty()).map(|w| BudgetKey {
+            integration: format!("workspace:{}", w.replace(['{', '}'], "_")),
+            rate: if rate > 0.0 { rate } else { 1_000_000.0 },
+            burst: burst.max(1),
+        });
         self
     }
 
@@ -94,14 +109,27 @@ impl NotionSession {
         let integration = self.key.integration.as_str();
         let metrics = self.client.metrics().clone();
         let mut transient_failures = 0u32;
+        let mut delays = crate::retry::delays(Duration::from_millis(250), Duration::from_secs(10));
         let mut rate_waited = Duration::ZERO;
         loop {
             let waiting = Instant::now();
-            let admission = self
+            let acquired = self
                 .budget
                 .acquire(&self.key)
                 .instrument(tracing::info_span!("budget.acquire", integration))
-                .await?;
+                .await;
+            // A Redis blip (restart, failover) is retried in place like any transient failure.
+            let admission = match acquired {
+                Ok(admission) => admission,
+                Err(error) if transient_failures < self.max_transient_retries => {
+                    transient_failures += 1;
+                    let backoff = delays.next().unwrap_or(Duration::from_secs(1));
+                    tracing::warn!(integration, %error, backoff_ms = backoff.as_millis() as u64, "The rate budget in Redis is unavailable; retrying.");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
             let (factor, report_outcome) = match admission {
                 Admission::Granted { factor, report_outcome } => (factor, report_outcome),
                 Admission::CircuitOpen(remaining) => {
@@ -109,6 +137,24 @@ impl NotionSession {
                     return Err(NotionError::CircuitOpen(remaining));
                 }
             };
+            if let Some(workspace) = &self.workspace {
+                match self
+                    .budget
+                    .acquire(workspace)
+                    .instrument(tracing::info_span!("budget.acquire", integration))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(error) if transient_failures < self.max_transient_retries => {
+                        transient_failures += 1;
+                        let backoff = delays.next().unwrap_or(Duration::from_secs(1));
+                        tracing::warn!(integration, %error, "The workspace budget in Redis is unavailable; retrying.");
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
             metrics.rate_budget_wait.observe(waiting.elapsed().as_secs_f64());
             metrics.rate_budget_effective.with_label_values(&[integration]).set(self.key.rate * factor);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -150,10 +196,25 @@ impl NotionSession {
             match error.class() {
                 FailureClass::Rate => {
                     self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    let retry_after = match &error {
-                        NotionError::RateLimited { retry_after, .. } => *retry_after,
-                        _ => Duration::from_secs(1),
+                    let (retry_after, reason) = match &error {
+                        NotionError::RateLimited { retry_after, reason, .. } => {
+                            (*retry_after, reason.clone())
+                        }
+                        _ => (Duration::from_secs(1), None),
                     };
+                    // A workspace limit: every integration of the workspace waits, not just this
+                    // one, and it is no reason to slow this integration down afterwards.
+                    let mut workspace_paused = false;
+                    if let (Some(workspace), Some(reason)) = (&self.workspace, &reason)
+                        && reason.contains("workspace")
+                    {
+                        match self.budget.pause(workspace, retry_after).await {
+                            Ok(_) => workspace_paused = true,
+                            Err(e) => {
+                                tracing::warn!(integration, error = %e, "Could not pause the workspace budget in Redis.")
+                            }
+                        }
+                    }
                     rate_waited += retry_after;
                     if rate_waited > self.max_rate_wait {
                         return Err(NotionError::RateWaitExceeded(rate_waited));
@@ -162,17 +223,28 @@ impl NotionSession {
                         integration,
                         endpoint = endpoint.template(),
                         retry_after_ms = retry_after.as_millis() as u64,
+                        reason = reason.as_deref().unwrap_or(""),
                         "Notion rate limited the integration; pausing it."
                     );
-                    let factor = self.budget.pause(&self.key, retry_after).await?;
-                    metrics
-                        .rate_budget_effective
-                        .with_label_values(&[integration])
-                        .set(self.key.rate * factor);
+                    if workspace_paused {
+                        // This integration waits through the workspace budget's pause.
+                        continue;
+                    }
+                    match self.budget.pause(&self.key, retry_after).await {
+                        Ok(factor) => metrics
+                            .rate_budget_effective
+                            .with_label_values(&[integration])
+                            .set(self.key.rate * factor),
+                        Err(error) => {
+                            // The fleet-wide pause could not be recorded: at least this request waits.
+                            tracing::warn!(integration, %error, "Could not pause the budget in Redis; waiting locally.");
+                            tokio::time::sleep(retry_after).await;
+                        }
+                    }
                 }
                 FailureClass::Transient if transient_failures < self.max_transient_retries => {
                     transient_failures += 1;
-                    let backoff = backoff(transient_failures);
+                    let backoff = delays.next().unwrap_or(Duration::from_secs(1));
                     tracing::warn!(
                         integration,
                         endpoint = endpoint.template(),
@@ -212,12 +284,4 @@ impl NotionSession {
             Err(e) => tracing::warn!(integration, error = %e, "Could not update the circuit breaker."),
         }
     }
-}
-
-/// Full-jitter exponential backoff: uniform in [0, min(10 s, 250 ms · 2^n)].
-fn backoff(attempt: u32) -> Duration {
-    let cap =
-        Duration::from_millis(250u64.saturating_mul(1u64 << attempt.min(8))).min(Duration::from_secs(10));
-    let millis = rand::rng().random_range(0..=cap.as_millis() as u64);
-    Duration::from_millis(millis.max(50))
 }

@@ -49,11 +49,13 @@ pub struct DataSourceObject {
 }
 
 /// A paginated list (`query`, `search`, property items…). Results stay raw so that one odd
-/// object cannot fail the whole response.
+/// object cannot fail the whole response: JSON values by default, or unparsed text
+/// (`ListResponse<Box<RawValue>>`, what a query reads) so each result is parsed once, straight
+/// into its type.
 #[derive(Debug, Clone, Deserialize)]
-pub struct ListResponse {
-    #[serde(default)]
-    pub results: Vec<Value>,
+pub struct ListResponse<T = Value> {
+    #[serde(default = "Vec::new")]
+    pub results: Vec<T>,
     #[serde(default)]
     pub next_cursor: Option<String>,
     #[serde(default)]
@@ -68,6 +70,9 @@ pub struct UserRef {
 /// A page (a database row).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Page {
+    /// `page` (a query can also answer other objects, which a sync skips).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
     pub id: Uuid,
     pub created_time: DateTime<Utc>,
     pub last_edited_time: DateTime<Utc>,

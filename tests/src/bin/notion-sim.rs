@@ -7,7 +7,7 @@ use syncfleet_tests::sim::{SimConfig, SimServer};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
-#[command(name = "notion-sim", about = "A faithful stand-in for the Notion API (see shared/NOTION_API.md)")]
+#[command(name = "notion-sim", about = "A faithful stand-in for the Notion API (see docs/notion-api.md)")]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:8787", env = "SIM_ADDR")]
     addr: std::net::SocketAddr,

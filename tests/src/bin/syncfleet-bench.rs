@@ -63,6 +63,10 @@ enum Cmd {
         /// Pages for `unthrottled` and the incremental scenarios.
         #[arg(long, env = "BENCH_PAGES", default_value_t = 100_000)]
         pages: u64,
+        /// Worker processes for `unthrottled` (the pages are then split over as many databases,
+        /// so every process has one to sync).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
 }
 
@@ -71,7 +75,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Cmd::Demo { pages, rate, workers } => demo(pages, rate, workers).await.map(|_| ()),
-        Cmd::Run { scenario, pages } => run(&scenario, pages).await,
+        Cmd::Run { scenario, pages, workers } => run(&scenario, pages, workers.max(1)).await,
         Cmd::Hammer { sim, token, redis, prefix, integration, rate, burst, tasks, secs } => {
             hammer(HammerArgs { sim, token, redis, prefix, integration, rate, burst, tasks, secs }).await
         }
@@ -172,11 +176,11 @@ async fn demo_steps(fleet: &mut Fleet, pages: u64, rate: f64, workers: usize) ->
     Ok(figures)
 }
 
-async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
+async fn run(scenario: &str, pages: u64, workers: usize) -> anyhow::Result<()> {
     let all = scenario == "all";
     let mut ran = false;
     if all || scenario == "unthrottled" {
-        unthrottled(pages).await?;
+        unthrottled(pages, workers).await?;
         ran = true;
     }
     if all || scenario == "demo" {
@@ -228,21 +232,39 @@ async fn run(scenario: &str, pages: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `unthrottled`: one worker process, the simulator's limit off; pages/s end to end and peak RSS.
-async fn unthrottled(pages: u64) -> anyhow::Result<()> {
-    let options = FleetOptions { burst: 100, ..FleetOptions::new("syncfleet_bench_unthrottled", pages, 0.0) };
-    eprintln!("unthrottled: generating {pages} pages…");
+/// `unthrottled`: `workers` worker processes, the simulator's limit off, one database of
+/// `pages`; pages/s end to end, CPU per page per process kind, and the workers' peak RSS.
+async fn unthrottled(pages: u64, workers: usize) -> anyhow::Result<()> {
+    let per_database = pages / workers as u64;
+    let options = FleetOptions {
+        burst: 100,
+        databases: workers as u64,
+        ..FleetOptions::new("syncfleet_bench_unthrottled", per_database, 0.0)
+    };
+    eprintln!("unthrottled: generating {workers} database(s) of {per_database} pages…");
     let mut fleet = Fleet::start(options).await?;
     let result = async {
         let ids = fleet.register().await?;
-        let database_id = *ids.first().context("no database")?;
-        fleet.spawn_workers(1, 4)?;
-        let pid = *fleet.worker_pids().first().context("no worker")?;
-        let id = database_id.to_string();
-        fleet.producer(&["enqueue", "--database", &id, "--mode", "full"], &[], false).await?;
+        fleet.spawn_workers(workers, 4)?;
+        let pids = fleet.worker_pids();
+        // Every worker consumes before the jobs go out, so the databases start together.
+        fleet.wait_consumers(workers as u32, Duration::from_secs(60)).await?;
+        let cpu = fleet.cpu_meter();
+        fleet.enqueue_all(&ids, syncfleet_shared::job::SyncMode::Full).await?;
         let db = fleet.db().await?;
-        let run = bench::wait_final(&db, &[database_id], Duration::from_secs(1800)).await?.remove(0);
-        let rss = peak_rss_bytes(pid).unwrap_or_default();
+        let runs = bench::wait_final(&db, &ids, Duration::from_secs(1800)).await?;
+        let pages = per_database * workers as u64;
+        let cpu = cpu.fields(&pids, pages);
+        let run = bench::RunFigures {
+            status: runs.iter().find(|r| r.status != "succeeded").map_or("succeeded", |r| r.status.as_str()).to_string(),
+            pages: runs.iter().map(|r| r.pages).sum(),
+            created: runs.iter().map(|r| r.created).sum(),
+            updated: runs.iter().map(|r| r.updated).sum(),
+            requests: runs.iter().map(|r| r.requests).sum(),
+            rate_limited: runs.iter().map(|r| r.rate_limited).sum(),
+            elapsed: runs.iter().map(|r| r.elapsed).fold(0.0, f64::max),
+        };
+        let rss = pids.iter().filter_map(|pid| peak_rss_bytes(*pid)).max().unwrap_or_default();
         let rows = db
             .query_one_raw(Statement::from_string(DbBackend::Postgres, "SELECT count(*) AS n FROM notion_pages"))
             .await?
@@ -252,9 +274,16 @@ async fn unthrottled(pages: u64) -> anyhow::Result<()> {
         if run.status != "succeeded" || rows != pages as i64 {
             bail!("unthrottled run ended {} with {rows} rows", run.status);
         }
-        let line = json!({"scenario": "unthrottled", "pages": run.pages, "workers": 1, "requests": run.requests, "rate_limited": run.rate_limited,
+        let mut line = json!({"scenario": "unthrottled", "pages": run.pages, "workers": workers, "requests": run.requests, "rate_limited": run.rate_limited,
                           "elapsed_s": round(run.elapsed), "pages_per_s": round(run.pages as f64 / run.elapsed),
                           "worker_peak_rss_mb": round(rss as f64 / 1_048_576.0), "date": chrono::Utc::now().to_rfc3339()});
+        bench::extend(&mut line, cpu);
+        bench::extend(&mut line, syncfleet_tests::fleet::copy_floor(&db, pages).await?);
+        if let (Some(run), Some(floor)) =
+            (line["postgres_cpu_us_per_page"].as_f64(), line["postgres_copy_floor_us_per_page"].as_f64())
+        {
+            line["postgres_ratio_to_copy_floor"] = json!(round(run / floor.max(0.001)));
+        }
         println!("{line}");
         Ok(())
     }

@@ -58,12 +58,61 @@ pub fn handle(state: &SimState, method: &Method, path: &str, query: Option<&str>
         ("POST", "invalidate-cursors") => Ok(ok(json!({"invalidated": state.invalidate_cursors()}))),
         ("POST", "config") => body::<RuntimePatch>(bytes).map(|p| {
             let mut r = state.runtime();
-            if let Some(v) = p.rate { r.rate = v; }
-            if let Some(v) = p.burst { r.burst = v.max(1); }
-            if let Some(v) = p.latency_ms { r.latency_ms = v; }
-            if let Some(v) = p.jitter_ms { r.jitter_ms = v; }
+            if let Some(v) = p.rate {
+                r.rate = v;
+            }
+            if let Some(v) = p.burst {
+                r.burst = v.max(1);
+            }
+            if let Some(v) = p.latency_ms {
+                r.latency_ms = v;
+            }
+            if let Some(v) = p.jitter_ms {
+                r.jitter_ms = v;
+            }
+            if let Some(v) = p.offset_cursors {
+                r.offset_cursors = v;
+            }
+            r.index_lag_ms = p.index_lag_ms.unwrap_or(r.index_lag_ms);
+            if p.index_lag_ms == Some(0) {
+                // Turning the lag off lets the index catch up at once.
+                state.catch_up_index();
+            }
+            r.workspace_rate = p.workspace_rate.unwrap_or(r.workspace_rate);
+            r.workspace_burst = p.workspace_burst.unwrap_or(r.workspace_burst).max(1);
+            r.rejected_spend = p.rejected_spend.unwrap_or(r.rejected_spend);
+            let fraction = |v: Option<f64>, old: f64| v.map_or(old, |v| v.clamp(0.0, 1.0));
+            r.error_rate = fraction(p.error_rate, r.error_rate);
+            r.reset_rate = fraction(p.reset_rate, r.reset_rate);
+            r.truncate_rate = fraction(p.truncate_rate, r.truncate_rate);
+            r.slow_rate = fraction(p.slow_rate, r.slow_rate);
+            r.slow_ms = p.slow_ms.unwrap_or(r.slow_ms);
             state.set_runtime(r);
-            ok(json!({"rate": r.rate, "burst": r.burst, "latency_ms": r.latency_ms, "jitter_ms": r.jitter_ms}))
+            ok(json!({"rate": r.rate, "burst": r.burst, "latency_ms": r.latency_ms, "jitter_ms": r.jitter_ms,
+                      "offset_cursors": r.offset_cursors, "index_lag_ms": r.index_lag_ms,
+                      "workspace_rate": r.workspace_rate, "workspace_burst": r.workspace_burst,
+                      "rejected_spend": r.rejected_spend, "error_rate": r.error_rate, "reset_rate": r.reset_rate,
+                      "truncate_rate": r.truncate_rate, "slow_rate": r.slow_rate, "slow_ms": r.slow_ms}))
+        }),
+        ("POST", "revoke") => body::<Revoke>(bytes).and_then(|r| {
+            if state.revoke(&r.token) {
+                Ok(ok(json!({"revoked": true})))
+            } else {
+                Err(err(StatusCode::NOT_FOUND, "no such token"))
+            }
+        }),
+        ("POST", "unshare") => body::<Unshare>(bytes).and_then(|u| {
+            let ids = {
+                let ws = state.read();
+                let db = ws
+                    .databases
+                    .iter()
+                    .find(|d| d.id == u.database_id)
+                    .ok_or_else(|| err(StatusCode::NOT_FOUND, "no such database"))?;
+                vec![db.id.to_string(), db.data_source_id.to_string()]
+            };
+            state.unshare(ids);
+            Ok(ok(json!({"unshared": u.database_id})))
         }),
         _ => Err(err(StatusCode::NOT_FOUND, format!("no admin route {method} /_sim/{path}"))),
     };
@@ -76,6 +125,26 @@ struct RuntimePatch {
     burst: Option<u32>,
     latency_ms: Option<u64>,
     jitter_ms: Option<u64>,
+    offset_cursors: Option<bool>,
+    index_lag_ms: Option<u64>,
+    workspace_rate: Option<f64>,
+    workspace_burst: Option<u32>,
+    rejected_spend: Option<bool>,
+    error_rate: Option<f64>,
+    reset_rate: Option<f64>,
+    truncate_rate: Option<f64>,
+    slow_rate: Option<f64>,
+    slow_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Revoke {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct Unshare {
+    database_id: Uuid,
 }
 
 fn stats(state: &SimState) -> Response {
@@ -152,7 +221,8 @@ fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError>
 }
 
 /// The ground truth of a page's properties: keyed by property id (as syncfleet stores them)
-/// and complete (relations with every target, not the page object's first 25).
+/// and complete (relations with every target, titles, rich text and people with every item,
+/// not the page object's first 25).
 fn complete_by_id(
     ws: &data::Workspace,
     db: &data::SimDatabase,
@@ -168,6 +238,16 @@ fn complete_by_id(
             let all = data::relation_targets(db, page, ws.seed);
             map.insert("relation".into(), Value::Array(all.iter().map(|t| json!({"id": t})).collect()));
             map.insert("has_more".into(), false.into());
+        }
+        if let Some(def) = db.schema.iter().find(|d| d.id == id)
+            && matches!(def.kind, data::Kind::Title | data::Kind::RichText | data::Kind::People)
+            && let Some(map) = value.as_object_mut()
+        {
+            let ty = def.kind.notion_type();
+            let full = data::full_property_value(ws, db, page, def);
+            if let Some(items) = full.get(ty) {
+                map.insert(ty.into(), items.clone());
+            }
         }
         out.insert(id, value);
     }
@@ -277,6 +357,7 @@ struct Mutation {
 /// minute and changes the page's values; random picks are deterministic per seed and call.
 fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     let now = floor_minute(chrono::Utc::now().timestamp());
+    let lag = std::time::Duration::from_millis(state.runtime().index_lag_ms);
     let mut ws = state.write();
     ws.mutations += 1;
     let mut rng = Rng::new(&[ws.seed, ws.mutations, 0x3D]);
@@ -319,6 +400,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
         to_restore.extend(pick(db, &mut rng, m.restore, true));
         for i in to_edit {
             let p = &mut db.pages[i];
+            p.lag_index(lag);
             p.version += 1;
             p.last_edited = now.max(p.created);
             p.last_edited_by = users[rng.below(users.len() as u64) as usize];
@@ -326,12 +408,14 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
         }
         for i in to_trash {
             let p = &mut db.pages[i];
+            p.lag_index(lag);
             p.in_trash = true;
             p.last_edited = now.max(p.created);
             trashed.push(p.id);
         }
         for i in to_restore {
             let p = &mut db.pages[i];
+            p.lag_index(lag);
             p.in_trash = false;
             p.last_edited = now.max(p.created);
             restored.push(p.id);
@@ -347,6 +431,12 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
                 in_trash: false,
                 created_by: users[rng.below(users.len() as u64) as usize],
                 last_edited_by: users[rng.below(users.len() as u64) as usize],
+                // A new page is not in the index at all until the lag has passed.
+                indexed: (!lag.is_zero()).then(|| crate::sim::data::Indexed {
+                    last_edited: now,
+                    in_trash: true,
+                    until: std::time::Instant::now() + lag,
+                }),
             };
             db.by_id.insert(page.id, db.pages.len());
             created.push(page.id);

@@ -210,25 +210,45 @@ fn query_rows(call: &Call<'_>, raw: &str, legacy: bool) -> Result<Response, ApiE
     let ws = call.state.read();
     let db = if legacy { ws.database(&id) } else { ws.database_by_source(&id) };
     let db = db.ok_or_else(|| not_found(if legacy { "database" } else { "data_source" }, raw))?;
-    let after = match start_cursor(&body)? {
-        None => None,
-        Some(c) => match call.state.cursor(&c) {
-            Some(CursorKind::Query { data_source, fingerprint: fp, after })
+    let offset_mode = call.state.runtime().offset_cursors;
+    let mut after = None;
+    let mut offset = 0;
+    if let Some(c) = start_cursor(&body)? {
+        match call.state.cursor(&c) {
+            Some(CursorKind::Query { data_source, fingerprint: fp, after: a })
                 if data_source == db.data_source_id && fp == fingerprint =>
             {
-                Some(after)
+                after = Some(a)
+            }
+            Some(CursorKind::QueryOffset { data_source, fingerprint: fp, offset: o })
+                if data_source == db.data_source_id && fp == fingerprint =>
+            {
+                offset = o
             }
             _ => return Err(invalid_cursor()),
-        },
-    };
+        }
+    }
     let only = filter_properties(call.query);
-    let selection = query::select(db, filter.as_ref(), sort, after, size);
-    let next = selection.next_after.map(|after| {
-        call.state.new_cursor(CursorKind::Query { data_source: db.data_source_id, fingerprint, after })
-    });
+    // A keyset cursor issued before offset mode was switched on continues as a keyset walk.
+    let (indices, next) = if (offset_mode && after.is_none()) || offset > 0 {
+        let (indices, more) = query::select_offset(db, filter.as_ref(), sort, offset, size);
+        let next = more.then(|| {
+            call.state.new_cursor(CursorKind::QueryOffset {
+                data_source: db.data_source_id,
+                fingerprint,
+                offset: offset + indices.len(),
+            })
+        });
+        (indices, next)
+    } else {
+        let selection = query::select(db, filter.as_ref(), sort, after, size);
+        let next = selection.next_after.map(|after| {
+            call.state.new_cursor(CursorKind::Query { data_source: db.data_source_id, fingerprint, after })
+        });
+        (selection.indices, next)
+    };
     // Assembled from per-page bytes: the shape `list` produces, without one big value tree.
-    let pages: Vec<_> = selection
-        .indices
+    let pages: Vec<_> = indices
         .iter()
         .map(|&i| data::page_json(&ws, db, &db.pages[i], call.version, only.as_deref()))
         .collect();
@@ -286,7 +306,7 @@ fn page_property(call: &Call<'_>, raw: &str, raw_prop: &str) -> Result<Response,
             .map(|target| json!({"object": "property_item", "id": def.id, "type": "relation", "relation": {"id": target}}))
             .collect(),
         Kind::Title | Kind::RichText | Kind::People => {
-            let value = data::property_value(&ws, db, page, def);
+            let value = data::full_property_value(&ws, db, page, def);
             value
                 .get(ty)
                 .and_then(Value::as_array)

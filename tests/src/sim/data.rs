@@ -40,7 +40,7 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Property types the generator produces (every type in NOTION_API.md).
+/// Property types the generator produces (every type in docs/notion-api.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Title,
@@ -205,6 +205,48 @@ pub struct SimPage {
     pub in_trash: bool,
     pub created_by: Uuid,
     pub last_edited_by: Uuid,
+    /// Index lag: what queries still see of the page (its timestamp and trash flag before the
+    /// latest change) until `until`; `None` once the index caught up.
+    pub indexed: Option<Indexed>,
+}
+
+/// The query index's lagging view of a page.
+#[derive(Debug, Clone, Copy)]
+pub struct Indexed {
+    pub last_edited: i64,
+    pub in_trash: bool,
+    pub until: std::time::Instant,
+}
+
+impl SimPage {
+    /// The page as the query index sees it at `now`.
+    pub fn as_indexed(&self, now: std::time::Instant) -> std::borrow::Cow<'_, SimPage> {
+        match self.indexed {
+            Some(ix) if now < ix.until => {
+                let mut old = self.clone();
+                old.last_edited = ix.last_edited;
+                old.in_trash = ix.in_trash;
+                std::borrow::Cow::Owned(old)
+            }
+            _ => std::borrow::Cow::Borrowed(self),
+        }
+    }
+
+    /// Records a change the index learns of only after `lag`.
+    pub fn lag_index(&mut self, lag: std::time::Duration) {
+        if lag.is_zero() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        // A change during a pending lag rides on it: the index catches up with the latest state
+        // when the first pending change becomes visible (a page edited more often than the lag
+        // still reaches the index).
+        if matches!(self.indexed, Some(ix) if now < ix.until) {
+            return;
+        }
+        self.indexed =
+            Some(Indexed { last_edited: self.last_edited, in_trash: self.in_trash, until: now + lag });
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -281,6 +323,7 @@ impl Workspace {
                     in_trash: false,
                     created_by: ws.users[prng.below(5) as usize],
                     last_edited_by: ws.users[prng.below(5) as usize],
+                    indexed: None,
                 };
                 db.by_id.insert(page.id, db.pages.len());
                 ws.page_index.insert(page.id, d as usize);
@@ -397,22 +440,59 @@ pub fn relation_count(seq: u64) -> u64 {
     if seq % 500 == 17 { 60 } else { seq % 4 }
 }
 
-/// The full list of related page ids (the page object shows at most 25).
+/// The full list of related page ids (the page object shows at most 25). Targets are pages
+/// created no later than this one, so a page created later never changes a relation (a
+/// property must not change without a new `last_edited_time`).
 pub fn relation_targets(db: &SimDatabase, page: &SimPage, seed: u64) -> Vec<Uuid> {
     let n = relation_count(page.seq);
     let mut rng = Rng::new(&[seed, db.index, page.seq, u64::from(page.version), 0x4E1]);
-    (0..n).filter_map(|_| db.pages.get(rng.below(db.pages.len() as u64) as usize).map(|p| p.id)).collect()
+    let older = (page.seq + 1).min(db.pages.len() as u64);
+    (0..n).filter_map(|_| db.pages.get(rng.below(older) as usize).map(|p| p.id)).collect()
 }
 
-/// A property's value for a page (the page-object form, relations truncated to 25).
+/// Notion's page object shows at most this many items of a title, rich-text, people or
+/// relation value; the property endpoint pages through all of them.
+pub const INLINE_ITEMS: usize = 25;
+
+/// How many items a page's long title, rich text or people value has: most pages have a few;
+/// one page in 500 has more than the page object shows (a pasted document, a big team).
+fn long_value_items(kind: Kind, seq: u64) -> Option<usize> {
+    match (kind, seq % 500) {
+        (Kind::Title, 41) => Some(30),
+        (Kind::RichText, 67) => Some(40),
+        (Kind::People, 89) => Some(31),
+        _ => None,
+    }
+}
+
+/// A property's value for a page as the page object shows it: relations, titles, rich text
+/// and people truncated to [`INLINE_ITEMS`].
 pub fn property_value(ws: &Workspace, db: &SimDatabase, page: &SimPage, def: &PropDef) -> Value {
+    let mut value = full_property_value(ws, db, page, def);
+    if matches!(def.kind, Kind::Title | Kind::RichText | Kind::People)
+        && let Some(list) = value.get_mut(def.kind.notion_type()).and_then(Value::as_array_mut)
+    {
+        list.truncate(INLINE_ITEMS);
+    }
+    value
+}
+
+/// A property's complete value (relations still as the page object shows them: their full list
+/// is [`relation_targets`]).
+pub fn full_property_value(ws: &Workspace, db: &SimDatabase, page: &SimPage, def: &PropDef) -> Value {
     let mut rng = Rng::new(&[ws.seed, db.index, page.seq, u64::from(page.version), def.salt, 0x7A]);
     let seq = page.seq;
     let ty = def.kind.notion_type();
     let value = match def.kind {
-        Kind::Title => Value::Array(vec![rich_text(&format!("Task {} — v{}", seq + 1, page.version))]),
+        Kind::Title => {
+            let mut parts = vec![rich_text(&format!("Task {} — v{}", seq + 1, page.version))];
+            for k in 1..long_value_items(Kind::Title, seq).unwrap_or(1) {
+                parts.push(rich_text(&format!(" · part {k}")));
+            }
+            Value::Array(parts)
+        }
         Kind::RichText => {
-            let n = rng.below(3);
+            let n = long_value_items(Kind::RichText, seq).map_or_else(|| rng.below(3), |n| n as u64);
             json!(
                 (0..n)
                     .map(|k| rich_text(&format!("note {k} for “{}” 'quoted' \\ \"x\"", seq)))
@@ -454,18 +534,24 @@ pub fn property_value(ws: &Workspace, db: &SimDatabase, page: &SimPage, def: &Pr
                 date_value(page.created + rng.below(90) as i64 * 86_400, rng.below(2) == 0)
             }
         }
-        Kind::People => {
-            let n = rng.below(3) as usize;
-            Value::Array((0..n).map(|k| user(ws.users[(seq as usize + k) % ws.users.len()])).collect())
-        }
+        Kind::People => match long_value_items(Kind::People, seq) {
+            // A big team: the workspace's members, then guests.
+            Some(n) => Value::Array(
+                (0..n).map(|k| user(ws.users.get(k).copied().unwrap_or_else(|| rng.uuid()))).collect(),
+            ),
+            None => {
+                let n = rng.below(3) as usize;
+                Value::Array((0..n).map(|k| user(ws.users[(seq as usize + k) % ws.users.len()])).collect())
+            }
+        },
         Kind::Relation => {
             let targets = relation_targets(db, page, ws.seed);
-            let shown: Vec<Value> = targets.iter().take(25).map(|id| json!({"id": id})).collect();
+            let shown: Vec<Value> = targets.iter().take(INLINE_ITEMS).map(|id| json!({"id": id})).collect();
             return obj([
                 ("id", def.id.clone().into()),
                 ("type", "relation".into()),
                 ("relation", Value::Array(shown)),
-                ("has_more", (targets.len() > 25).into()),
+                ("has_more", (targets.len() > INLINE_ITEMS).into()),
             ]);
         }
         Kind::Checkbox => json!(rng.below(2) == 0),

@@ -17,8 +17,16 @@ impl Gcra {
         Self { tat: None }
     }
 
-    /// Admits a request at `now`, or says how long until one would be admitted.
-    pub fn check(&mut self, now: Instant, rate: f64, burst: u32) -> Result<(), Duration> {
+    /// Admits a request at `now`, or says how long until one would be admitted. With
+    /// `rejected_spend`, a refused request still spends a slot (a client that retries before
+    /// Retry-After only pushes its next admission further out).
+    pub fn check(
+        &mut self,
+        now: Instant,
+        rate: f64,
+        burst: u32,
+        rejected_spend: bool,
+    ) -> Result<(), Duration> {
         if rate <= 0.0 {
             return Ok(());
         }
@@ -27,6 +35,12 @@ impl Gcra {
         let tat = self.tat.unwrap_or(now).max(now);
         let allowed_at = tat.checked_sub(tolerance).unwrap_or(now);
         if allowed_at > now {
+            if rejected_spend {
+                // The refused request spent a slot: the wait is counted from after it.
+                let tat = tat + interval;
+                self.tat = Some(tat);
+                return Err(tat.checked_sub(tolerance).unwrap_or(now).saturating_duration_since(now));
+            }
             return Err(allowed_at - now);
         }
         self.tat = Some(tat + interval);
@@ -134,10 +148,10 @@ mod tests {
         let mut g = Gcra::new();
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(g.check(t0, 3.0, 3).is_ok());
+            assert!(g.check(t0, 3.0, 3, false).is_ok());
         }
-        let wait = g.check(t0, 3.0, 3).expect_err("fourth is limited");
+        let wait = g.check(t0, 3.0, 3, false).expect_err("fourth is limited");
         assert!(wait > Duration::from_millis(300) && wait <= Duration::from_millis(334), "{wait:?}");
-        assert!(g.check(t0 + wait, 3.0, 3).is_ok());
+        assert!(g.check(t0 + wait, 3.0, 3, false).is_ok());
     }
 }

@@ -203,7 +203,10 @@ pub fn select(
     let after_rank = after.map(rank);
     // A max-heap of the best `page_size + 1` candidates (the extra one tells "has more").
     let mut heap: BinaryHeap<((i64, i128), usize)> = BinaryHeap::with_capacity(page_size + 2);
+    let now = std::time::Instant::now();
     for (i, p) in db.pages.iter().enumerate() {
+        let p = p.as_indexed(now);
+        let p = p.as_ref();
         if p.in_trash {
             continue;
         }
@@ -226,6 +229,32 @@ pub fn select(
     best.sort_unstable();
     let more = best.len() > page_size;
     best.truncate(page_size);
-    let next_after = if more { best.last().map(|&(_, i)| sort.key(&db.pages[i])) } else { None };
+    let next_after =
+        if more { best.last().map(|&(_, i)| sort.key(&db.pages[i].as_indexed(now))) } else { None };
     Selection { indices: best.into_iter().map(|(_, i)| i).collect(), next_after }
+}
+
+/// The cursor-drift mode's selection: the live pages matching `filter` in `sort` order *as they
+/// are now*, from position `offset`. Returns the page and whether more remain.
+pub fn select_offset(
+    db: &SimDatabase,
+    filter: Option<&Filter>,
+    sort: Sort,
+    offset: usize,
+    page_size: usize,
+) -> (Vec<usize>, bool) {
+    let now = std::time::Instant::now();
+    let mut all: Vec<usize> = (0..db.pages.len())
+        .filter(|&i| {
+            let p = db.pages[i].as_indexed(now);
+            !p.in_trash && filter.is_none_or(|f| f.matches(&p))
+        })
+        .collect();
+    all.sort_unstable_by_key(|&i| {
+        let (t, seq) = sort.key(&db.pages[i].as_indexed(now));
+        if sort.ascending { (t, i128::from(seq)) } else { (-t, -i128::from(seq)) }
+    });
+    let end = offset.saturating_add(page_size).min(all.len());
+    let start = offset.min(end);
+    (all[start..end].to_vec(), end < all.len())
 }

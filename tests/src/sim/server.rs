@@ -58,6 +58,39 @@ pub struct Runtime {
     pub burst: u32,
     pub latency_ms: u64,
     pub jitter_ms: u64,
+    /// Cursor drift: query cursors are offsets into the current result list instead of keyset
+    /// positions, as nothing in Notion's API promises otherwise. A page trashed behind the
+    /// cursor shifts the rest (one live page is skipped), a page created behind it is read
+    /// twice, an edit can move a page across it.
+    #[serde(default)]
+    pub offset_cursors: bool,
+    /// Index lag: a query sees a page's change (edit, trash, restore, creation) only this long
+    /// after it happened. `GET /v1/pages/{id}` is never stale.
+    #[serde(default)]
+    pub index_lag_ms: u64,
+    /// A per-workspace limit shared by every token (0 = off): its 429s say
+    /// `additional_data.rate_limit_reason = "workspace_rate_limit"`, and their Retry-After can
+    /// exceed a minute.
+    #[serde(default)]
+    pub workspace_rate: f64,
+    #[serde(default)]
+    pub workspace_burst: u32,
+    /// 429s spend budget too: retrying before Retry-After only pushes admission further out.
+    #[serde(default)]
+    pub rejected_spend: bool,
+    /// Random faults, as fractions of requests (after authentication and the rate limit, so a
+    /// faulty answer still spends budget, as Notion's do): a 500/502/503/504, a connection
+    /// reset mid-answer, a 200 whose JSON is cut short, or an answer delayed by `slow_ms`.
+    #[serde(default)]
+    pub error_rate: f64,
+    #[serde(default)]
+    pub reset_rate: f64,
+    #[serde(default)]
+    pub truncate_rate: f64,
+    #[serde(default)]
+    pub slow_rate: f64,
+    #[serde(default)]
+    pub slow_ms: u64,
 }
 
 /// A response forced onto the next requests by `/_sim/faults`.
@@ -66,10 +99,15 @@ pub struct Fault {
     pub status: u16,
     #[serde(default)]
     pub code: Option<String>,
+    /// The `Retry-After` header, sent as given: a number (`2`, `0.5`, `1e20`) or any text, so
+    /// tests can send what a hostile or broken server might.
     #[serde(default)]
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<serde_json::Value>,
     #[serde(default = "one")]
     pub count: u32,
+    /// For a 429: `additional_data.rate_limit_reason` (e.g. `workspace_rate_limit`).
+    #[serde(default)]
+    pub rate_limit_reason: Option<String>,
 }
 
 fn one() -> u32 {
@@ -81,6 +119,8 @@ fn one() -> u32 {
 pub enum CursorKind {
     /// Keyset position in a data source query with this filter/sort fingerprint.
     Query { data_source: uuid::Uuid, fingerprint: u64, after: (i64, u64) },
+    /// Offset into a data source query's current result list (the cursor-drift mode).
+    QueryOffset { data_source: uuid::Uuid, fingerprint: u64, offset: usize },
     /// Offset into another listing (search, property items), scoped by a string.
     Offset { scope: String, offset: usize },
 }
@@ -99,9 +139,14 @@ pub struct SimState {
     runtime: Mutex<Runtime>,
     workspace: RwLock<Workspace>,
     limiters: Mutex<Vec<Gcra>>,
+    workspace_limiter: Mutex<Gcra>,
     stats: Mutex<Stats>,
     cursors: Mutex<HashMap<String, Cursor>>,
     faults: Mutex<VecDeque<Fault>>,
+    /// Tokens revoked by `/_sim/revoke`: answered 401 from then on.
+    revoked: Mutex<Vec<usize>>,
+    /// Database and data source ids unshared by `/_sim/unshare`: answered 404 from then on.
+    unshared: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,7 +163,19 @@ impl SimState {
                 burst: config.burst.max(1),
                 latency_ms: config.latency_ms,
                 jitter_ms: config.jitter_ms,
+                offset_cursors: false,
+                index_lag_ms: 0,
+                workspace_rate: 0.0,
+                workspace_burst: 1,
+                rejected_spend: false,
+                error_rate: 0.0,
+                reset_rate: 0.0,
+                truncate_rate: 0.0,
+                slow_rate: 0.0,
+                slow_ms: 0,
             }),
+            revoked: Mutex::new(Vec::new()),
+            unshared: Mutex::new(Vec::new()),
             workspace: RwLock::new(Workspace::generate(
                 config.seed,
                 config.databases,
@@ -126,6 +183,7 @@ impl SimState {
                 chrono::Utc::now(),
             )),
             limiters: Mutex::new(vec![Gcra::new(); config.tokens.len()]),
+            workspace_limiter: Mutex::new(Gcra::new()),
             stats: Mutex::new(Stats::default()),
             cursors: Mutex::new(HashMap::new()),
             faults: Mutex::new(VecDeque::new()),
@@ -178,6 +236,27 @@ impl SimState {
         (c.expires > Instant::now()).then(|| c.kind.clone())
     }
 
+    /// Revokes a token (by value); returns whether it was known.
+    pub fn revoke(&self, token: &str) -> bool {
+        let Some(i) = self.tokens.iter().position(|t| t == token) else { return false };
+        lock(&self.revoked).push(i);
+        true
+    }
+
+    /// Drops every lagging index view: queries see every page as it is now.
+    pub fn catch_up_index(&self) {
+        for db in self.write().databases.iter_mut() {
+            for page in db.pages.iter_mut() {
+                page.indexed = None;
+            }
+        }
+    }
+
+    /// Stops sharing a database (and its data source) with every integration.
+    pub fn unshare(&self, ids: Vec<String>) {
+        lock(&self.unshared).extend(ids);
+    }
+
     fn take_fault(&self) -> Option<Fault> {
         let mut faults = lock(&self.faults);
         let front = faults.front_mut()?;
@@ -220,6 +299,11 @@ impl SimServer {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+    }
+
+    /// Stops serving without waiting (for owners that cannot give the server away).
+    pub fn cancel(&self) {
+        self.shutdown.cancel();
     }
 
     /// Resolves when the server stops (for the binary).
@@ -280,6 +364,20 @@ pub enum Route {
 }
 
 impl Route {
+    /// The database or data source id the route names, normalised (Notion accepts ids with or
+    /// without dashes).
+    fn ids(&self) -> Vec<String> {
+        match self {
+            Route::RetrieveDatabase(id)
+            | Route::QueryDatabase(id)
+            | Route::RetrieveDataSource(id)
+            | Route::QueryDataSource(id) => {
+                uuid::Uuid::parse_str(id).map(|u| vec![u.to_string()]).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     fn parse(method: &Method, path: &str) -> Route {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let get = method == Method::GET;
@@ -379,25 +477,28 @@ async fn gate(
     let Some(token) = token else {
         return notion_error(StatusCode::UNAUTHORIZED, "unauthorized", "API token is invalid.");
     };
+    if lock(&state.revoked).contains(&token) {
+        return notion_error(StatusCode::UNAUTHORIZED, "unauthorized", "API token is invalid.");
+    }
     if let Some(fault) = state.take_fault() {
         return fault_response(&fault);
     }
     let runtime = state.runtime();
     let limited = {
         let mut limiters = lock(&state.limiters);
-        limiters.get_mut(token).map(|g| g.check(arrival, runtime.rate, runtime.burst))
+        limiters.get_mut(token).map(|g| g.check(arrival, runtime.rate, runtime.burst, runtime.rejected_spend))
     };
     if let Some(Err(wait)) = limited {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response = notion_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "You have been rate limited. Please try again in a few minutes.",
-        );
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            response.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return response;
+        return rate_limited(wait, "connection_rate_limit");
+    }
+    let workspace = lock(&state.workspace_limiter).check(
+        arrival,
+        runtime.workspace_rate,
+        runtime.workspace_burst.max(1),
+        runtime.rejected_spend,
+    );
+    if let Err(wait) = workspace {
+        return rate_limited(wait, "workspace_rate_limit");
     }
     if runtime.latency_ms > 0 || runtime.jitter_ms > 0 {
         let jitter =
@@ -405,8 +506,90 @@ async fn gate(
         let ms = (runtime.latency_ms + jitter).saturating_sub(runtime.jitter_ms);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    let named = route_database_ids(state, route);
+    if let Some(id) = lock(&state.unshared).iter().find(|id| named.contains(id)).cloned() {
+        return notion_error(
+            StatusCode::NOT_FOUND,
+            "object_not_found",
+            format!(
+                "Could not find database with ID: {id}. Make sure the relevant pages and databases are shared with your integration."
+            ),
+        );
+    }
+    let roll: f64 = rand::rng().random();
+    let mut edge = runtime.error_rate;
+    if roll < edge {
+        let status = [500u16, 502, 503, 504][rand::rng().random_range(0..4)];
+        return fault_response(&Fault {
+            status,
+            code: None,
+            retry_after: None,
+            count: 1,
+            rate_limit_reason: None,
+        });
+    }
+    edge += runtime.reset_rate;
+    if roll < edge {
+        return reset_response();
+    }
+    edge += runtime.truncate_rate;
+    let truncate = roll < edge;
+    edge += runtime.slow_rate;
+    if !truncate && roll < edge {
+        tokio::time::sleep(Duration::from_millis(runtime.slow_ms)).await;
+    }
     let call = Call { state, version, query, body };
-    api::dispatch(&call, route)
+    let response = api::dispatch(&call, route);
+    if truncate { truncated(response).await } else { response }
+}
+
+/// The database and data source ids a request concerns: named in its path, or the database of
+/// the page it names.
+fn route_database_ids(state: &SimState, route: &Route) -> Vec<String> {
+    let mut ids = route.ids();
+    if let Route::RetrievePage(page) | Route::PageProperty(page, _) = route
+        && let Ok(page) = uuid::Uuid::parse_str(page)
+        && let Some((db, _)) = state.read().page(&page)
+    {
+        ids.push(db.id.to_string());
+        ids.push(db.data_source_id.to_string());
+    }
+    ids
+}
+
+/// A connection reset mid-answer: headers and a few bytes, then the body fails and the server
+/// drops the connection.
+fn reset_response() -> Response {
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"object\":\"list\",\"results\":[")),
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "notion-sim: connection reset")),
+    ];
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The same answer with its JSON cut in half (a proxy that gave up, say).
+async fn truncated(response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else { return reset_response() };
+    let half = bytes.slice(..bytes.len() / 2);
+    let mut parts = parts;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(half))
+}
+
+/// A 429 `rate_limited` with an integer Retry-After and the limit that was hit.
+fn rate_limited(wait: Duration, reason: &str) -> Response {
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let body = json!({"object": "error", "status": 429, "code": "rate_limited",
+        "message": "You have been rate limited. Please try again in a few minutes.",
+        "request_id": uuid::Uuid::new_v4().to_string(),
+        "additional_data": {"rate_limit_reason": reason}});
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
 }
 
 fn fault_response(fault: &Fault) -> Response {
@@ -427,9 +610,21 @@ fn fault_response(fault: &Fault) -> Response {
         }
         .to_string()
     });
-    let mut response = notion_error(status, &code, format!("notion-sim injected fault {}", fault.status));
-    if let Some(secs) = fault.retry_after
-        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    let mut response = match &fault.rate_limit_reason {
+        Some(reason) => {
+            let body = json!({"object": "error", "status": fault.status, "code": code,
+                "message": format!("notion-sim injected fault {}", fault.status),
+                "additional_data": {"rate_limit_reason": reason}});
+            (status, axum::Json(body)).into_response()
+        }
+        None => notion_error(status, &code, format!("notion-sim injected fault {}", fault.status)),
+    };
+    let retry_after = fault.retry_after.as_ref().map(|v| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    if let Some(text) = retry_after
+        && let Ok(v) = HeaderValue::from_str(&text)
     {
         response.headers_mut().insert(header::RETRY_AFTER, v);
     }

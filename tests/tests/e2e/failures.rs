@@ -39,8 +39,10 @@ async fn a_rate_limit_pauses_and_the_same_job_continues() {
     assert_eq!(row.status, "succeeded");
     assert_eq!(row.attempt, 1, "no retry tier for a 429");
     assert_eq!(row.rate_limited, 1);
-    // The 429'd schema read and its repeat, 3 queries, and completing page 17's 60 relations.
-    assert_eq!(row.requests, 6);
+    // The 429'd schema read and its repeat, 3 queries, and completing what the page objects cut
+    // at 25 items: page 17's 60 relations, page 41's title, page 67's three rich-text values and
+    // page 89's people.
+    assert_eq!(row.requests, 2 + 3 + 1 + 1 + 3 + 1);
     env.cleanup().await;
 }
 
@@ -56,7 +58,7 @@ async fn a_revoked_token_fails_the_run_permanently_and_dead_letters_the_job() {
     assert_eq!(row.status, "failed");
     assert_eq!(row.error_kind.as_deref(), Some("notion_unauthorized"));
     assert_eq!(row.requests, 1, "no retries for a permanent error");
-    let dead = env.drain_dead_letters().await.expect("dead letters");
+    let dead = env.wait_dead_letters(1, SHORT).await.expect("dead letters");
     assert_eq!(dead.len(), 1);
     assert!(dead[0].0.as_deref().unwrap_or_default().contains("notion_unauthorized"));
     env.cleanup().await;
@@ -84,9 +86,10 @@ async fn consecutive_failures_open_the_circuit_fleet_wide_and_it_closes_after_th
     }
     let row = env.wait_run(run, LONG).await.expect("run ends");
     assert_eq!(row.status, "succeeded", "{row:?}");
-    // 5 failures, 2 failed probes, then the schema read, 3 queries and one relation completion:
-    // while the circuit was open nothing reached Notion.
-    assert_eq!(row.requests, 12, "{row:?}");
+    // 5 failures, 2 failed probes, then the schema read, 3 queries and six completions of long
+    // values (page 17's relations, 41's title, 67's three rich texts, 89's people): while the
+    // circuit was open nothing reached Notion.
+    assert_eq!(row.requests, 5 + 2 + 1 + 3 + 6, "{row:?}");
     assert!(row.attempt >= 3, "open-circuit attempts went to the retry tiers: {row:?}");
     let (_, text) = http_get(port, "/metrics", SHORT).await.expect("metrics");
     assert_eq!(metric_value(&text, series), Some(0.0), "closed again after three successes");

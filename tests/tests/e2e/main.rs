@@ -1,13 +1,20 @@
 //! The end-to-end suite: real PostgreSQL, RabbitMQ and Redis, and `notion-sim` over HTTP.
 //! Each test has its own database, queue names and key prefix, so they run in parallel.
 
+mod api;
 mod budget;
+mod drift;
+mod exactness;
 mod failures;
 mod full_sync;
 mod locks;
+mod notifications;
 mod observability;
+mod outages;
 mod poison;
 mod publish;
+mod publishers;
+mod redis_ha;
 mod semantics;
 mod shutdown;
 mod sim_conformance;

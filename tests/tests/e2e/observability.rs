@@ -10,7 +10,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::Value;
 use syncfleet_shared::db::entities::sync_run;
 use syncfleet_shared::job::SyncMode;
-use syncfleet_tests::harness::{TestEnv, free_port, http_get, metric_value};
+use syncfleet_tests::harness::{TestEnv, free_ports, http_get, metric_value};
 use syncfleet_tests::sim::SimConfig;
 use tokio::io::AsyncWriteExt;
 
@@ -115,7 +115,7 @@ async fn the_scheduler_reconciles_and_live_metrics_pass_promtool_and_feed_every_
     let sim = SimConfig { pages: 250, rate: 0.0, ..SimConfig::default() };
     let mut env = TestEnv::start(sim).await.expect("test env");
     let db = env.register("acme", 50.0, 10, 0).await.expect("register");
-    let (worker_port, producer_port) = (free_port().expect("port"), free_port().expect("port"));
+    let [worker_port, producer_port] = free_ports().expect("ports");
     let worker_addr = format!("127.0.0.1:{worker_port}");
     env.spawn_worker_with(2, &["--metrics-addr", &worker_addr], &[]).expect("worker");
     let producer_addr = format!("127.0.0.1:{producer_port}");
@@ -163,14 +163,29 @@ async fn the_scheduler_reconciles_and_live_metrics_pass_promtool_and_feed_every_
     }
 
     // Every metric a dashboard query reads exists in what the binaries (or RabbitMQ) export.
-    let rabbit = reqwest::get(
-        "http://127.0.0.1:15692/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count",
-    )
-    .await
-    .expect("RabbitMQ's Prometheus endpoint (script/services enables rabbitmq_prometheus)")
-    .text()
-    .await
-    .expect("rabbit metrics");
+    // RabbitMQ's detailed queue metrics appear some seconds after a queue is created (on a
+    // fresh machine the queues are new): wait for them, bounded, instead of reading once.
+    let wanted: Vec<String> = panels(&dashboard())
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .flat_map(|t| metric_names(t["expr"].as_str().unwrap_or_default()))
+        .filter(|name| name.starts_with("rabbitmq_"))
+        .collect();
+    let deadline = Instant::now() + LONG;
+    let rabbit = loop {
+        let text = reqwest::get(
+            "http://127.0.0.1:15692/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count",
+        )
+        .await
+        .expect("RabbitMQ's Prometheus endpoint (script/services enables rabbitmq_prometheus)")
+        .text()
+        .await
+        .expect("rabbit metrics");
+        if wanted.iter().all(|name| exposes(&text, name)) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let dash = dashboard();
     let mut missing = Vec::new();
     for panel in panels(&dash) {

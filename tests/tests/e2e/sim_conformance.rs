@@ -1,4 +1,4 @@
-//! notion-sim follows NOTION_API.md: pagination, filters, minute rounding, 429 with Retry-After,
+//! notion-sim follows docs/notion-api.md: pagination, filters, minute rounding, 429 with Retry-After,
 //! auth, the version header, invalid cursors, and the version-specific shapes.
 
 use std::collections::HashSet;
@@ -329,6 +329,55 @@ async fn each_api_version_gets_its_own_shapes() {
     sim.server.stop().await;
 }
 
+/// Every item of one page's property, paged through `GET /v1/pages/{id}/properties/{prop}`
+/// 25 at a time (`prop` already percent-encoded for the path).
+async fn property_items(sim: &Sim, page_id: &str, prop: &str, ty: &str) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/pages/{page_id}/properties/{prop}?page_size=25");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&start_cursor={c}"));
+        }
+        let (s, _, list) = sim.call("GET", &path, Some("2025-09-03"), None).await;
+        assert_eq!(s, StatusCode::OK, "{list}");
+        assert_eq!(list["property_item"]["type"], ty);
+        items.extend(list["results"].as_array().cloned().unwrap_or_default());
+        match list["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    items
+}
+
+#[tokio::test]
+async fn long_titles_rich_text_and_people_are_truncated_at_25_and_complete_via_the_property_endpoint() {
+    let sim = Sim::start(600, 0.0).await;
+    let (_, ds) = sim.info();
+    let all = sim.query_all(&ds, json!({})).await;
+    // (property name, id in the path, type, items it really has)
+    for (name, prop, ty, total) in [
+        ("Name", "title", "title", 30),
+        ("Notes", "nt%253Bs", "rich_text", 40),
+        ("Owner", "ow%255Bn", "people", 31),
+    ] {
+        let long: Vec<&Value> =
+            all.iter().filter(|p| p["properties"][name][ty].as_array().map(Vec::len) == Some(25)).collect();
+        assert_eq!(long.len(), 2, "two of 600 pages have a long {name} shown as its first 25 items");
+        for page in long {
+            let id = page["id"].as_str().expect("id");
+            let items = property_items(&sim, id, prop, ty).await;
+            assert_eq!(items.len(), total, "{name}");
+            let shown = page["properties"][name][ty].as_array().expect("list");
+            for (item, inline) in items.iter().zip(shown) {
+                assert_eq!(&item[ty], inline, "the page object shows the first 25 items in order");
+            }
+        }
+    }
+    sim.server.stop().await;
+}
+
 #[tokio::test]
 async fn relations_over_25_are_truncated_in_the_page_and_complete_via_the_property_endpoint() {
     let sim = Sim::start(600, 0.0).await;
@@ -340,22 +389,7 @@ async fn relations_over_25_are_truncated_in_the_page_and_complete_via_the_proper
         .expect("a page with > 25 relations");
     assert_eq!(page["properties"]["Related"]["relation"].as_array().map(Vec::len), Some(25));
     let id = page["id"].as_str().expect("id");
-    let mut items = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut path = format!("/v1/pages/{id}/properties/rl%253Ft?page_size=25");
-        if let Some(c) = &cursor {
-            path.push_str(&format!("&start_cursor={c}"));
-        }
-        let (s, _, list) = sim.call("GET", &path, Some("2025-09-03"), None).await;
-        assert_eq!(s, StatusCode::OK, "{list}");
-        assert_eq!(list["property_item"]["type"], "relation");
-        items.extend(list["results"].as_array().cloned().unwrap_or_default());
-        match list["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let items = property_items(&sim, id, "rl%253Ft", "relation").await;
     assert_eq!(items.len(), 60);
     sim.server.stop().await;
 }
@@ -385,5 +419,113 @@ async fn injected_faults_and_trash_behave_like_notion() {
     let pages = export["databases"][0]["pages"].as_array().expect("pages");
     assert_eq!(pages.len(), 30);
     assert_eq!(pages.iter().filter(|p| p["in_trash"] == true).count(), 3);
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn offset_cursors_drift_a_trashed_page_skips_a_live_one_and_an_edited_one_is_read_twice() {
+    let sim = Sim::start(300, 0.0).await;
+    let (_, ds) = sim.info();
+    let admin = format!("{}/_sim", sim.server.base_url());
+    let set = sim.http.post(format!("{admin}/config")).json(&json!({"offset_cursors": true})).send().await;
+    assert_eq!(set.expect("config").status(), StatusCode::OK);
+    let ascending =
+        json!({"page_size": 100, "sorts": [{"timestamp": "created_time", "direction": "ascending"}]});
+    let keyset = sim.query_all(&ds, ascending.clone()).await;
+    let order: Vec<String> = keyset.iter().filter_map(|p| p["id"].as_str().map(String::from)).collect();
+    // Trashing five pages behind the cursor shifts the rest: the next five live pages are skipped.
+    let (_, first) = sim.query(&ds, ascending.clone()).await;
+    let trashed: Vec<&str> = order[..5].iter().map(String::as_str).collect();
+    let mutated = sim.http.post(format!("{admin}/mutate")).json(&json!({"trash_ids": trashed})).send().await;
+    assert_eq!(mutated.expect("mutate").status(), StatusCode::OK);
+    let mut next = ascending.clone();
+    next["start_cursor"] = first["next_cursor"].clone();
+    let (status, second) = sim.query(&ds, next).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let got: HashSet<&str> = first["results"]
+        .as_array()
+        .into_iter()
+        .chain(second["results"].as_array())
+        .flatten()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    let skipped: Vec<&String> = order[100..105].iter().filter(|id| !got.contains(id.as_str())).collect();
+    assert_eq!(skipped.len(), 5, "five live pages slid behind the cursor");
+    // Sorted by last edit, an edit moves a page already read to the end: it is read twice, and
+    // the page that slid into its place is skipped.
+    let by_edit =
+        json!({"page_size": 50, "sorts": [{"timestamp": "last_edited_time", "direction": "ascending"}]});
+    let (_, head) = sim.query(&ds, by_edit.clone()).await;
+    let early = head["results"][0]["id"].as_str().expect("id").to_string();
+    let mutated = sim.http.post(format!("{admin}/mutate")).json(&json!({"edit_ids": [early]})).send().await;
+    assert_eq!(mutated.expect("mutate").status(), StatusCode::OK);
+    let mut rest = by_edit.clone();
+    rest["start_cursor"] = head["next_cursor"].clone();
+    let tail = sim.query_all(&ds, rest).await;
+    assert!(tail.iter().any(|p| p["id"] == early.as_str()), "the edited page is read again");
+    assert_eq!(
+        head["results"].as_array().map(Vec::len).unwrap_or(0) + tail.len(),
+        295,
+        "one read twice, one skipped"
+    );
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn random_faults_resets_truncated_json_slow_answers_revoked_tokens_and_unshared_databases() {
+    let sim = Sim::start(20, 0.0).await;
+    let (db, ds) = sim.info();
+    let admin = format!("{}/_sim", sim.server.base_url());
+    let config = |body: Value| {
+        let http = sim.http.clone();
+        let url = format!("{admin}/config");
+        async move { assert!(http.post(url).json(&body).send().await.expect("config").status().is_success()) }
+    };
+    config(json!({"error_rate": 1.0})).await;
+    let (status, body) = sim.query(&ds, json!({})).await;
+    assert!([500, 502, 503, 504].contains(&status.as_u16()), "{status}");
+    assert_eq!(body["object"], "error");
+    config(json!({"error_rate": 0.0, "reset_rate": 1.0})).await;
+    let url = format!("{}/v1/data_sources/{ds}/query", sim.server.base_url());
+    let answer = sim
+        .http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("Notion-Version", "2025-09-03")
+        .json(&json!({}))
+        .send()
+        .await;
+    let reset = match answer {
+        Err(_) => true,
+        Ok(r) => r.bytes().await.is_err(),
+    };
+    assert!(reset, "the connection breaks mid-answer");
+    config(json!({"reset_rate": 0.0, "truncate_rate": 1.0})).await;
+    let text = sim
+        .http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("Notion-Version", "2025-09-03")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("answer")
+        .text()
+        .await
+        .expect("body");
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "cut-short JSON: {text}");
+    config(json!({"truncate_rate": 0.0, "slow_rate": 1.0, "slow_ms": 400})).await;
+    let started = std::time::Instant::now();
+    assert_eq!(sim.query(&ds, json!({})).await.0, StatusCode::OK);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
+    config(json!({"slow_rate": 0.0})).await;
+    let unshare = sim.http.post(format!("{admin}/unshare")).json(&json!({"database_id": db})).send().await;
+    assert!(unshare.expect("unshare").status().is_success());
+    let (status, body) = sim.query(&ds, json!({})).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("object_not_found")));
+    let revoke = sim.http.post(format!("{admin}/revoke")).json(&json!({"token": TOKEN})).send().await;
+    assert!(revoke.expect("revoke").status().is_success());
+    let (status, _, body) = sim.call("GET", "/v1/users", Some("2025-09-03"), None).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
     sim.server.stop().await;
 }

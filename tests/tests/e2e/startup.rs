@@ -91,10 +91,16 @@ async fn an_unreachable_notion_is_a_clear_error_for_the_producer() {
     )
     .await
     .expect("save");
-    let err =
-        syncfleet_producer::commands::database::add(&settings, "acme", uuid::Uuid::new_v4(), None, None)
-            .await
-            .expect_err("Notion is down");
+    let err = syncfleet_producer::commands::database::add(
+        &settings,
+        "acme",
+        uuid::Uuid::new_v4(),
+        None,
+        None,
+        false,
+    )
+    .await
+    .expect_err("Notion is down");
     let text = format!("{err:#}");
     assert!(text.contains("Notion") && text.contains("http://127.0.0.1:1"), "{text}");
     assert!(!text.contains("secret_x"), "{text}");
@@ -126,4 +132,25 @@ async fn tokens_keys_and_passwords_never_appear_in_worker_logs() {
         assert!(!log.contains(secret), "log leaks {secret}");
     }
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn urls_whose_credentials_no_redaction_could_mask_are_refused_without_echo() {
+    let cases = [
+        ("SYNCFLEET_AMQP__URL", "amqp:guest:s3cret-mq@127.0.0.1", "amqp.url", "s3cret-mq"),
+        ("SYNCFLEET_DATABASE__URL", "postgres:/u:s3cret-pg@db", "database.url", "s3cret-pg"),
+        ("SYNCFLEET_REDIS__URL", "redis:x:s3cret-rd@r", "redis.url", "s3cret-rd"),
+        (
+            "SYNCFLEET_NOTION__BASE_URL",
+            "https://proxy:s3cret-nt@notion.example",
+            "notion.base_url",
+            "s3cret-nt",
+        ),
+    ];
+    for (key, value, named, secret) in cases {
+        let (code, err) = run_worker(&[(key, value)]).await;
+        assert_eq!(code, Some(2), "{key}: {err}");
+        assert!(err.contains(named), "{key}: {err}");
+        assert!(!err.contains(secret), "{key} echoed its credentials: {err}");
+    }
 }

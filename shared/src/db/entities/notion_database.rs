@@ -28,6 +28,15 @@ pub struct Model {
     pub view_hash: String,
     pub created_at: ChronoDateTimeUtc,
     pub updated_at: ChronoDateTimeUtc,
+    /// The strongest sync mode asked for by jobs that found the database busy, until a run
+    /// takes it (`db::rerun`).
+    pub rerun_mode: Option<String>,
+    pub rerun_seq: i64,
+    pub rerun_requested_at: Option<ChronoDateTimeUtc>,
+    /// Why the typed view could not be regenerated last time (a dependent view, a lock), if so.
+    pub view_error: Option<String>,
+    /// A disabled database is not scheduled (manual jobs still run).
+    pub enabled: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -29,6 +29,18 @@ pub struct Model {
     pub checkpoint: Option<Json>,
     pub error_kind: Option<String>,
     pub error_message: Option<String>,
+    /// The fence of the lock holder that executes (or last executed) the run; only that holder
+    /// may change its status.
+    pub fence: Option<i64>,
+    /// Refreshed by the holder while the run executes; a stale one means the holder is gone.
+    pub heartbeat_at: Option<ChronoDateTimeUtc>,
+    /// Set once a failed run's message is confirmed in the dead-letter queue.
+    pub dead_lettered_at: Option<ChronoDateTimeUtc>,
+    /// Deletion candidates confirmed with `GET /v1/pages/{id}`, and those found live.
+    pub deletion_checks: i64,
+    pub deletions_refuted: i64,
+    /// Incremented by a trigger on every change; the id of the run's progress events.
+    pub change_seq: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -45,6 +57,9 @@ pub mod status {
     pub const PARTIAL: &str = "partial";
     pub const FAILED: &str = "failed";
     pub const SKIPPED: &str = "skipped";
+    /// Its holder vanished (found by the reaper). Not final: a redelivery of the job resumes it,
+    /// but the scheduler no longer counts it as active.
+    pub const ABANDONED: &str = "abandoned";
 
     /// A run in one of these states will not change again.
     pub fn is_final(status: &str) -> bool {

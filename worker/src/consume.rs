@@ -1,34 +1,40 @@
-//! The worker process: connects to PostgreSQL and RabbitMQ, consumes jobs with manual ack and
-//! prefetch = concurrency, runs each in its own task, and shuts down gracefully.
+//! The first stage of the job path (consume → run → sync → write): the worker process connects
+//! to PostgreSQL and RabbitMQ, consumes jobs with manual ack and prefetch = concurrency, runs each
+//! in its own task, and settles each delivery as the failure policy decided.
+//!
+//! A job task that panics is caught at this boundary: its delivery is returned once (then
+//! dead-lettered), the panic is logged and counted, and its prefetch slot is freed.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop consuming; in-flight jobs commit their current batch and give
 //! their message back to the queue, where another worker resumes from the checkpoint; then exit.
+//! A lost broker connection ends the process with an error (its supervisor restarts it) rather
+//! than leaving it consuming nothing; `/healthz` fails when the consume loop stops beating.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use sea_orm::{DatabaseConnection, EntityTrait};
+use sea_orm::EntityTrait;
 use syncfleet_shared::amqp::{self, AmqpError, Destination, PublishMeta, Publisher, Topology};
 use syncfleet_shared::budget::Budget;
-use syncfleet_shared::crypto::TokenCipher;
 use syncfleet_shared::db::{self, DbError};
 use syncfleet_shared::metrics::{Metrics, Outcome, Role};
 use syncfleet_shared::notion::{NotionClient, NotionError};
-use syncfleet_shared::ops::{self, OpsError, Readiness};
+use syncfleet_shared::ops::{self, Liveness, OpsError, Readiness};
 use syncfleet_shared::{ConfigError, Settings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::error::Disposition;
-use crate::handler;
+use crate::context::WorkerContext;
+use crate::policy::Disposition;
+use crate::run;
 
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -49,27 +55,12 @@ pub enum WorkerError {
     ConsumerLost(String),
 }
 
-/// What every job task shares.
-pub struct WorkerContext {
-    pub settings: Settings,
-    pub db: DatabaseConnection,
-    pub notion: NotionClient,
-    pub budget: Budget,
-    /// `None` when no key is configured: jobs then fail with a configuration error.
-    pub cipher: Option<TokenCipher>,
-    pub publisher: Publisher,
-    pub topology: Topology,
-    /// Coordination state (rate budgets, locks) lives in Redis.
-    pub redis: deadpool_redis::Pool,
-    pub worker_id: String,
-    pub metrics: Arc<Metrics>,
-}
-
 pub struct Worker {
     ctx: Arc<WorkerContext>,
     connection: Connection,
     channel: Channel,
     ready: Readiness,
+    live: Liveness,
     ops_stop: CancellationToken,
 }
 
@@ -78,10 +69,12 @@ impl Worker {
     pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
         let metrics = Metrics::new(Role::Worker);
         let ready = Readiness::default();
+        let live = Liveness::new(Duration::from_secs(settings.worker.liveness_stale_secs));
+        live.beat();
         let ops_stop = CancellationToken::new();
         // Liveness answers while connecting; readiness only once consuming.
         if let Some(addr) = settings.metrics_addr {
-            ops::serve(addr, metrics.clone(), ready.clone(), ops_stop.clone()).await?;
+            ops::serve(addr, metrics.clone(), ready.clone(), live.clone(), ops_stop.clone()).await?;
         }
         metrics.worker_concurrency.set(i64::from(settings.worker.concurrency));
         let cipher = match &settings.encryption_key {
@@ -115,7 +108,15 @@ impl Worker {
             }
             Err(e) => tracing::warn!(error = %e, "Could not list integrations for the metrics."),
         }
+        let notifier = syncfleet_shared::notify::Notifier::new(
+            &settings.notify,
+            db.clone(),
+            redis.clone(),
+            &settings.redis.key_prefix,
+            metrics.clone(),
+        );
         let ctx = WorkerContext {
+            notifier,
             budget,
             settings,
             db,
@@ -127,7 +128,7 @@ impl Worker {
             worker_id,
             metrics,
         };
-        Ok(Self { ctx: Arc::new(ctx), connection, channel, ready, ops_stop })
+        Ok(Self { ctx: Arc::new(ctx), connection, channel, ready, live, ops_stop })
     }
 
     /// Consumes until `shutdown` resolves, then drains in-flight jobs and closes connections.
@@ -159,14 +160,29 @@ impl Worker {
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         let mut failure = None;
+        let mut beat = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = beat.tick() => {
+                    // The loop is alive; a connection that died without the consumer noticing
+                    // ends the process instead of leaving it consuming nothing.
+                    if !self.connection.status().connected() {
+                        failure = Some(WorkerError::ConsumerLost("the RabbitMQ connection is closed".into()));
+                        break;
+                    }
+                    // Without its confirm channel no retry, dead letter or rerun can be published.
+                    if !self.ctx.publisher.is_open() {
+                        failure = Some(WorkerError::ConsumerLost("the publishing channel is closed".into()));
+                        break;
+                    }
+                    self.live.beat();
+                }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let ctx = self.ctx.clone();
                         let stop = stop.clone();
-                        tasks.spawn(async move { process(ctx, delivery, stop).await });
+                        tasks.spawn(Box::pin(process(ctx, delivery, stop)));
                     }
                     Some(Err(e)) => { failure = Some(WorkerError::ConsumerLost(e.to_string())); break; }
                     None => { failure = Some(WorkerError::ConsumerLost("consumer was cancelled by the broker".into())); break; }
@@ -208,16 +224,55 @@ impl Worker {
     }
 }
 
+/// When the fleet first saw this message (`now` for a first delivery), kept in Redis for a day
+/// under its message id, or a digest of its body when it has none. Redis being unreachable
+/// makes it `now`.
+async fn first_seen_ms(ctx: &WorkerContext, delivery: &Delivery, now: i64) -> i64 {
+    use sha2::Digest;
+    let id = match delivery.properties.message_id() {
+        Some(id) if !id.as_str().is_empty() => id.as_str().chars().take(128).collect::<String>(),
+        _ => hex::encode(&sha2::Sha256::digest(&delivery.data)[..16]),
+    };
+    let key = format!("{}:seen:{{{id}}}", ctx.settings.redis.key_prefix);
+    let seen = async {
+        let mut conn = ctx.redis.get().await.map_err(|e| e.to_string())?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(now)
+            .arg("NX")
+            .arg("PX")
+            .arg(86_400_000)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if set.is_some() {
+            return Ok(now);
+        }
+        let first: Option<String> =
+            redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(|e| e.to_string())?;
+        Ok::<i64, String>(first.and_then(|v| v.parse().ok()).filter(|t| *t <= now).unwrap_or(now))
+    };
+    seen.await.unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "Could not record when the message was first seen.");
+        now
+    })
+}
+
 /// Handles a delivery inside its `process syncfleet.jobs` consumer span (continuing the
-/// publisher's trace when the message carries one) and settles it.
+/// publisher's trace when the message carries one) and settles it. A panic anywhere in the job
+/// is caught here: the delivery is returned once, then dead-lettered, and the slot is freed.
 async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: CancellationToken) {
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
     metrics.jobs_in_flight.inc();
-    if let Some(published) = amqp::published_at_ms(&delivery.properties) {
-        let waited = chrono::Utc::now().timestamp_millis() - published;
-        metrics.job_queue_wait.observe(waited.max(0) as f64 / 1000.0);
-    }
+    let now = chrono::Utc::now().timestamp_millis();
+    let published = match amqp::published_at_ms(&delivery.properties) {
+        Some(published) => published,
+        // No publish time (a publisher that sets neither `timestamp` nor the header): the wait
+        // counts from when the fleet first saw the message.
+        None => first_seen_ms(&ctx, &delivery, now).await,
+    };
+    metrics.job_queue_wait.observe(amqp::queue_wait_secs(published, now));
     let span = tracing::info_span!(
         "process syncfleet.jobs",
         otel.kind = "consumer",
@@ -235,7 +290,33 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
         attempt = tracing::field::Empty,
     );
     syncfleet_shared::telemetry::continue_trace(&span, &amqp::trace_headers(&delivery.properties));
-    let outcome = settle(&ctx, &delivery, stop).instrument(span.clone()).await;
+    let settled = std::panic::AssertUnwindSafe(settle(&ctx, &delivery, stop).instrument(span.clone()))
+        .catch_unwind()
+        .await;
+    let outcome = match settled {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            metrics.job_panics.inc();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic".into());
+            // Returned once; a second panic on the same message dead-letters it (the work
+            // queue's dead-letter exchange), so a poison message never loops.
+            let requeue = !delivery.redelivered;
+            tracing::error!(
+                parent: &span,
+                panic = %message,
+                requeue,
+                "A job task panicked; its delivery is returned or dead-lettered."
+            );
+            if let Err(e) = delivery.nack(BasicNackOptions { requeue, ..Default::default() }).await {
+                tracing::error!(parent: &span, error = %e, "Could not return a panicked job's delivery.");
+            }
+            Some(Outcome::Failed)
+        }
+    };
     span.record("job.outcome", outcome.map(Outcome::as_str).unwrap_or("requeued"));
     if let Some(outcome) = outcome {
         metrics.job_processed(outcome);
@@ -244,57 +325,92 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
     metrics.jobs_in_flight.dec();
 }
 
-/// Runs the handler and settles the delivery; returns the outcome for the metrics (`None` for
-/// a job handed back to the queue at shutdown, which is neither a success nor a failure).
+/// Runs the job and settles the delivery as decided; returns the outcome for the metrics.
 async fn settle(ctx: &WorkerContext, delivery: &Delivery, stop: CancellationToken) -> Option<Outcome> {
-    let handled = handler::handle(ctx, &delivery.data, &delivery.properties, stop).await;
-    let mut outcome = Some(handled.outcome);
-    let settle = match &handled.disposition {
+    let handled = run::handle(ctx, &delivery.data, &delivery.properties, stop).await;
+    let mut outcome = handled.decision.outcome;
+    let settled = match &handled.decision.disposition {
         Disposition::Ack => ack(delivery).await,
-        Disposition::Requeue => {
-            outcome = None;
-            delivery
-                .nack(BasicNackOptions { requeue: true, ..Default::default() })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+        Disposition::Requeue { after } => {
+            tokio::time::sleep(*after).await;
+            nack_requeue(delivery).await
         }
-        Disposition::Retry { reason } => {
-            let published = match (&handled.job, ctx.topology.tier_for_attempt(handled.attempt)) {
-                (Some(job), Some(tier)) => ctx
-                    .publisher
-                    .publish_job(
-                        job,
-                        &Destination::Retry(tier.clone()),
-                        &meta(ctx, handled.attempt + 1, delivery),
-                    )
-                    .await
-                    .map(|_| tier.name.clone()),
-                _ => Err(AmqpError::Unroutable("no retry tier".into())),
+        Disposition::Retry { tier, reason, .. } => {
+            let published = match &handled.job {
+                Some(job) => {
+                    let meta = meta(ctx, handled.attempt.saturating_add(1), delivery);
+                    let destination = Destination::Retry(tier.clone());
+                    publish_with_backoff(|| ctx.publisher.publish_job(job, &destination, &meta)).await
+                }
+                None => Err(AmqpError::Unroutable("a retry needs a parsed job".into())),
             };
             match published {
-                Ok(tier) => {
-                    tracing::info!(tier = %tier, reason = %reason, "Job moved to a retry tier.");
+                Ok(()) => {
+                    tracing::info!(tier = %tier.name, reason = %reason, "Job moved to a retry tier.");
                     ack(delivery).await
                 }
-                Err(e) => requeue_after_publish_failure(delivery, &e).await,
+                Err(e) => {
+                    outcome = None;
+                    give_back(delivery, &e).await
+                }
             }
         }
         Disposition::DeadLetter { reason } => {
             // The original bytes and properties are kept, so nothing is lost.
-            match ctx.publisher.dead_letter_raw(&delivery.data, &delivery.properties, reason).await {
+            let published = publish_with_backoff(|| {
+                ctx.publisher.dead_letter_raw(&delivery.data, &delivery.properties, reason)
+            })
+            .await;
+            match published {
                 Ok(()) => {
                     tracing::warn!(reason = %reason, "Job dead-lettered.");
-                    ack(delivery).await
+                    match &handled.job {
+                        // Recorded so a redelivery of a failed run knows its dead letter exists.
+                        Some(job) => match db::runs::mark_dead_lettered(&ctx.db, job.id).await {
+                            Ok(()) => ack(delivery).await,
+                            Err(e) => {
+                                tracing::error!(error = %e, "Could not record the dead letter; returning the delivery.");
+                                outcome = None;
+                                nack_requeue(delivery).await
+                            }
+                        },
+                        None => ack(delivery).await,
+                    }
                 }
-                Err(e) => requeue_after_publish_failure(delivery, &e).await,
+                Err(e) => {
+                    outcome = None;
+                    give_back(delivery, &e).await
+                }
             }
         }
     };
-    if let Err(e) = settle {
+    if let Err(e) = settled {
         tracing::error!(error = %e, "Failed to settle a delivery; RabbitMQ will redeliver it.");
     }
     outcome
+}
+
+/// Publishes with jittered backoff for about half a minute; a broker that stays unreachable
+/// for that long gets the delivery back instead (and the connection check ends the process).
+async fn publish_with_backoff<F, Fut>(mut publish: F) -> Result<(), AmqpError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), AmqpError>>,
+{
+    let mut delays =
+        syncfleet_shared::retry::delays(Duration::from_millis(200), Duration::from_secs(8)).take(6);
+    loop {
+        match publish().await {
+            Ok(()) => return Ok(()),
+            Err(e) => match delays.next() {
+                Some(delay) => {
+                    tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "Publishing failed; retrying.");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(e),
+            },
+        }
+    }
 }
 
 fn meta(ctx: &WorkerContext, attempt: u32, delivery: &Delivery) -> PublishMeta {
@@ -306,14 +422,17 @@ async fn ack(delivery: &Delivery) -> Result<(), String> {
     delivery.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
-async fn requeue_after_publish_failure(delivery: &Delivery, error: &AmqpError) -> Result<(), String> {
-    tracing::error!(error = %error, "Could not re-publish the job; returning it to the queue instead.");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+async fn nack_requeue(delivery: &Delivery) -> Result<(), String> {
     delivery
         .nack(BasicNackOptions { requeue: true, ..Default::default() })
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+async fn give_back(delivery: &Delivery, error: &AmqpError) -> Result<(), String> {
+    tracing::error!(error = %error, "Could not re-publish the job after retrying; returning it to the queue.");
+    nack_requeue(delivery).await
 }
 
 fn default_worker_id() -> String {
