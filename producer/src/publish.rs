@@ -52,8 +52,8 @@ pub enum PublishError {
     #[error("the job was not published: {0}")]
     Rejected(String),
     /// Sent, but the broker's confirm never came: it may run. The run stays `queued`.
-    #[error("the publish is unconfirmed (the job may still run): {0}")]
-    Unconfirmed(String),
+    #[error("the publish of job {job_id} is unconfirmed (the job may still run): {message}")]
+    Unconfirmed { job_id: uuid::Uuid, message: String },
     #[error("PostgreSQL: {0}")]
     Db(#[from] sea_orm::DbErr),
 }
@@ -143,11 +143,19 @@ impl JobPublisher {
 
     /// Drops the connection after a failure on it, so the next publish reconnects.
     async fn discard(&self) {
-        let mut state = self.state.lock().await;
-        if let Some(c) = state.connected.take()
-            && let Err(e) = c.connection.close(200, "reconnecting".into()).await
-        {
-            tracing::debug!(error = %e, "Closing the failed RabbitMQ connection failed.");
+        // Taken out under the lock, closed outside it: a wedged broker (the reason for most
+        // discards) may never answer the close, and neither this publish nor the next may wait
+        // on it longer than a confirm.
+        let taken = self.state.lock().await.connected.take();
+        if let Some(c) = taken {
+            let limit = Duration::from_secs(self.settings.confirm_timeout_secs.max(1));
+            match tokio::time::timeout(limit, c.connection.close(200, "reconnecting".into())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "Closing the failed RabbitMQ connection failed."),
+                Err(_) => {
+                    tracing::warn!("RabbitMQ did not answer the close of a failed connection; dropped it.")
+                }
+            }
         }
     }
 
@@ -217,7 +225,7 @@ impl JobPublisher {
         } else {
             (
                 StatusChange::with_error(status::QUEUED, "publish_unconfirmed", &message),
-                PublishError::Unconfirmed(message.clone()),
+                PublishError::Unconfirmed { job_id: job.id, message: message.clone() },
             )
         };
         // The run is recorded either way (never over a run a worker already started); a failure

@@ -6,7 +6,7 @@
 //!
 //! Every wait is bounded; the run stops by itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -170,8 +170,11 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
 
     let mut faults: Vec<(String, DateTime<Utc>)> = Vec::new();
     let mut restarts = 0usize;
+    // Processes this run made exit (kill -9, a RabbitMQ restart): their exit is planned whenever
+    // it comes (a worker that lost RabbitMQ drains its jobs first, which can outlast the fault
+    // loop). Any other exit is unexpected and is printed with its role and code.
+    let mut expected: HashSet<u32> = HashSet::new();
     let mut unexpected = 0usize;
-    let mut planned_exits = 0usize;
     let mut malformed = 0usize;
     let plan: Vec<(u64, &str)> = vec![
         (3, "kill9_1"),
@@ -202,7 +205,7 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
                 f if f.starts_with("kill9") => {
                     if let Some(pid) = workers.pop() {
                         env.signal_worker(pid, Signal::SIGKILL)?;
-                        planned_exits += 1;
+                        expected.insert(pid);
                     }
                 }
                 "malformed" => malformed += publish_malformed(&env).await?,
@@ -222,15 +225,17 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
                 "rabbitmq_restart" => {
                     rabbit.restart().await?;
                     // Every worker loses its connection and exits (serve reconnects instead).
-                    planned_exits += workers.len();
+                    expected.extend(workers.iter().copied());
                 }
                 _ => {}
             }
             faults.push((fault.to_string(), at));
         }
         // The supervisor: restart whatever exited.
-        for (pid, _code) in env.take_exited() {
+        for (pid, code) in env.take_exited() {
             restarts += 1;
+            unexpected +=
+                usize::from(!exit_was_planned(&mut expected, pid, pid == producer, code, &progress));
             if pid == producer {
                 producer = env.spawn_producer(&[], &scheduler)?;
             } else {
@@ -241,9 +246,6 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
             workers.push(env.spawn_worker_with(2, &[], &worker_env)?);
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;
-    }
-    if restarts > planned_exits {
-        unexpected = restarts - planned_exits;
     }
     // Calm: no more faults; every database gets a last full reconciliation.
     progress("calm: final full runs");
@@ -260,9 +262,10 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
         finals.push(enqueue_with_retry(&env, *db, deadline).await?);
     }
     loop {
-        for (pid, _) in env.take_exited() {
+        for (pid, code) in env.take_exited() {
             restarts += 1;
-            unexpected += 1;
+            unexpected +=
+                usize::from(!exit_was_planned(&mut expected, pid, pid == producer, code, &progress));
             if pid == producer {
                 producer = env.spawn_producer(&[], &scheduler)?;
             } else {
@@ -366,9 +369,37 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
         report.recovery_secs.insert(fault.clone(), if secs < 0 { -1.0 } else { secs as f64 / 1000.0 });
     }
     report.elapsed_secs = (started.elapsed().as_millis() as f64 / 100.0).round() / 10.0;
+    if unexpected > 0 {
+        // Why they exited: each process's last words are in the shared log.
+        for line in env.log().lines().filter(|l| is_exit_cause(l)) {
+            eprintln!("chaos: log: {line}");
+        }
+    }
     env.cleanup().await;
     drop((pg, rabbit, redis));
     Ok(report)
+}
+
+/// Whether `pid`'s exit was one this run caused; an unplanned one is printed.
+fn exit_was_planned(
+    expected: &mut HashSet<u32>,
+    pid: u32,
+    is_producer: bool,
+    code: Option<i32>,
+    progress: &impl Fn(&str),
+) -> bool {
+    let planned = expected.remove(&pid);
+    if !planned {
+        let role = if is_producer { "producer" } else { "worker" };
+        let code = code.map_or_else(|| "a signal".to_string(), |c| format!("code {c}"));
+        progress(&format!("unexpected exit: {role} pid {pid} ({code})"));
+    }
+    planned
+}
+
+/// A log line that says why a process stopped.
+fn is_exit_cause(line: &str) -> bool {
+    line.contains("stopped with an error") || line.contains("panicked") || line.starts_with("syncfleet-")
 }
 
 /// Publishes the final full job, retrying while the broker may still be coming back.

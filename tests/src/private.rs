@@ -546,6 +546,16 @@ impl PrivateRabbit {
         Ok(())
     }
 
+    /// SIGSTOPs (or with `false`, SIGCONTs) the whole node: connections stay open, but nothing
+    /// is read or answered, as with a wedged broker or a paused VM.
+    pub fn freeze(&self, frozen: bool) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().and_then(Child::id).context("rabbitmq-server is not running")?;
+        let signal =
+            if frozen { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
     /// Stops the broker application (every connection is closed) and starts it again.
     pub async fn restart(&self) -> anyhow::Result<()> {
         self.ctl("stop_app").await?;

@@ -1,7 +1,7 @@
 //! What the API and the CLI show: runs, databases and statistics, read with the same queries
 //! by both (the CLI is the API's twin, not a second implementation).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement, Value};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -320,9 +320,20 @@ fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
 fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), FieldError> {
     let bad = || FieldError { field: "cursor", message: "is not a cursor this API returned".into() };
     let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
-    let at = micros.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(bad)?;
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .filter(storable)
+        .ok_or_else(bad)?;
     let id = Uuid::parse_str(id).map_err(|_| bad())?;
     Ok((at, id))
+}
+
+/// Whether PostgreSQL's driver can bind `at` (years 1 to 9999; chrono reaches much further,
+/// and an out-of-range bind would be a 500 instead of the client's mistake).
+fn storable(at: &DateTime<Utc>) -> bool {
+    (1..=9999).contains(&at.year())
 }
 
 /// A page of run history, newest first (keyset pagination on `(enqueued_at, id)`).
@@ -338,6 +349,12 @@ pub async fn runs_page(
         Ok(c) => c,
         Err(e) => return Ok(Err(e)),
     };
+    if q.since.is_some_and(|since| !storable(&since)) {
+        return Ok(Err(FieldError {
+            field: "since",
+            message: "must be a time between the years 1 and 9999".into(),
+        }));
+    }
     let mut sql = format!("{RUN_SELECT} WHERE true");
     let mut values: Vec<Value> = Vec::new();
     if let Some(db_id) = q.database {
@@ -700,5 +717,10 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
         assert_eq!(decode_cursor("nope").unwrap_err().field, "cursor");
         assert_eq!(decode_cursor("99999999999999999999_x").unwrap_err().field, "cursor");
+        // Representable by chrono, but not bindable: the client's mistake, not a 500.
+        let far = format!("{}_{}", i64::MAX / 2, id.simple());
+        assert_eq!(decode_cursor(&far).unwrap_err().field, "cursor");
+        let bc = format!("{}_{}", -70_000_000_000_000_000i64, id.simple());
+        assert_eq!(decode_cursor(&bc).unwrap_err().field, "cursor");
     }
 }

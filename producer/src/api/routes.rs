@@ -48,12 +48,28 @@ pub struct JobAccepted {
     pub status_url: String,
     /// Server-Sent Events of the run's progress.
     pub events_url: String,
+    /// Whether RabbitMQ confirmed the publish. `false`: the message was sent but its confirm
+    /// never came, so the job may or may not run; its run stays `queued` with the error kind
+    /// `publish_unconfirmed` (watch it, or reap it as the scheduler does). Do not publish the
+    /// same request again blindly: that could run it twice.
+    pub confirmed: bool,
+}
+
+impl JobAccepted {
+    fn new(job_id: Uuid, confirmed: bool) -> Self {
+        Self {
+            job_id,
+            status_url: format!("/v1/jobs/{job_id}"),
+            events_url: format!("/v1/jobs/{job_id}/events"),
+            confirmed,
+        }
+    }
 }
 
 /// Publishes a sync job (with a broker confirm) and records its run as `queued`.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = CreateJob,
     responses(
-        (status = 202, description = "Published and confirmed by RabbitMQ", body = JobAccepted),
+        (status = 202, description = "Published; `confirmed` says whether RabbitMQ confirmed it", body = JobAccepted),
         (status = 400, description = "A field is wrong", body = ErrorBody),
         (status = 401, description = "No or a wrong token", body = ErrorBody),
         (status = 404, description = "The database is not registered", body = ErrorBody),
@@ -77,14 +93,13 @@ pub async fn create_job(
         reason: Reason::Api,
     };
     match state.publisher.publish(&state.db, "urn:syncfleet:api", data).await {
-        Ok(job) => Ok((
-            StatusCode::ACCEPTED,
-            Json(JobAccepted {
-                job_id: job.id,
-                status_url: format!("/v1/jobs/{}", job.id),
-                events_url: format!("/v1/jobs/{}/events", job.id),
-            }),
-        )),
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(JobAccepted::new(job.id, true)))),
+        // Sent without a confirm: the job may run, so the client gets its id to watch instead of
+        // an error that invites a duplicate.
+        Err(PublishError::Unconfirmed { job_id, message }) => {
+            tracing::warn!(job_id = %job_id, error = %message, "An API job's publish is unconfirmed.");
+            Ok((StatusCode::ACCEPTED, Json(JobAccepted::new(job_id, false))))
+        }
         Err(PublishError::Db(e)) => Err(e.into()),
         Err(e) => Err(ApiError::unavailable(e.to_string())),
     }

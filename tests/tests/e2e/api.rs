@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use syncfleet_shared::db::entities::sync_run;
 use syncfleet_tests::harness::{Servers, TestEnv, free_port, http_get};
-use syncfleet_tests::private::PrivatePostgres;
+use syncfleet_tests::private::{PrivatePostgres, PrivateRabbit};
 use syncfleet_tests::sim::SimConfig;
 
 const TOKEN: &str = "api-token-alpha-7f3c";
@@ -158,6 +158,10 @@ async fn the_api_authenticates_validates_and_runs_a_job_whose_status_matches_syn
     assert_field(&api.get("/v1/runs?status=bogus").await, "status", "status");
     assert_field(&api.get("/v1/runs?since=yesterday").await, "since", "since");
     assert_field(&api.get("/v1/runs?cursor=zzz").await, "cursor", "cursor");
+    // Valid RFC 3339 / well-formed cursors that PostgreSQL cannot take: still the client's error.
+    assert_field(&api.get("/v1/runs?since=0000-06-01T00:00:00Z").await, "since", "year 0");
+    let far_cursor = format!("{}_{}", i64::MAX / 2, uuid::Uuid::new_v4().simple());
+    assert_field(&api.get(&format!("/v1/runs?cursor={far_cursor}")).await, "cursor", "far cursor");
     assert_field(&api.get("/v1/runs?bogus=1").await, "bogus", "unknown parameter");
     assert_field(&api.get("/v1/stats?hours=0").await, "hours", "hours");
     assert_field(
@@ -813,4 +817,58 @@ async fn an_sse_client_gets_the_stored_final_state_across_a_postgresql_restart()
     assert!(report.is_exact(), "{report:?}");
     env.cleanup().await;
     drop(pg);
+}
+
+/// Undoes a [`PrivateRabbit::freeze`] even when the test fails half-way.
+struct Thaw<'a>(&'a PrivateRabbit);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.freeze(false) {
+            eprintln!("could not SIGCONT the private RabbitMQ: {e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_publish_whose_confirm_never_comes_is_a_202_with_its_job_id_and_the_job_runs_when_the_broker_returns()
+ {
+    let rabbit = PrivateRabbit::start().await.expect("rabbit");
+    let servers = Servers { amqp: Some(rabbit.url()), ..Servers::default() };
+    let mut env =
+        TestEnv::start_on(SimConfig { pages: 120, ..SimConfig::default() }, servers).await.expect("env");
+    let db = env.register("acme", 30.0, 5, 0).await.expect("register");
+    let api = Api::start_with(&mut env, &[("SYNCFLEET_AMQP__CONFIRM_TIMEOUT_SECS", "2")]).await;
+    env.spawn_worker(1).expect("worker");
+    let (status, first) = api.post("/v1/jobs", json!({"database": db, "mode": "full"})).await;
+    assert_eq!((status, &first["confirmed"]), (202, &json!(true)), "{first}");
+    let first = api.wait_final(first["job_id"].as_str().expect("id"), Duration::from_secs(120)).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+
+    // The broker is wedged: the publish goes into its socket, the confirm never comes.
+    rabbit.freeze(true).expect("SIGSTOP rabbitmq");
+    let thaw = Thaw(&rabbit);
+    let started = Instant::now();
+    let (status, accepted) = api.post("/v1/jobs", json!({"database": db, "mode": "full"})).await;
+    let answered_in = started.elapsed();
+    assert_eq!(status, 202, "an unconfirmed publish may run: the client needs its id, {accepted}");
+    assert_eq!(accepted["confirmed"], json!(false), "{accepted}");
+    assert!(answered_in < Duration::from_secs(15), "answered after {answered_in:?} with the broker wedged");
+    let id = accepted["job_id"].as_str().expect("job id").to_string();
+    let (status, run) = api.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["status"], "queued", "{run}");
+    assert_eq!(run["error"]["kind"], "publish_unconfirmed", "{run}");
+    drop(thaw);
+
+    // The message had left the producer: once the broker runs again, the job runs, exactly once.
+    let run = api.wait_final(&id, Duration::from_secs(180)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let runs: i64 = env.scalar("SELECT count(*) FROM sync_runs").await;
+    assert_eq!(runs, 2, "no duplicate run was created");
+    // And the API publishes normally again (a new connection).
+    let (status, again) = api.post("/v1/jobs", json!({"database": db, "mode": "incremental"})).await;
+    assert_eq!((status, &again["confirmed"]), (202, &json!(true)), "{again}");
+    env.cleanup().await;
+    drop(rabbit);
 }
