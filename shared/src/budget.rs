@@ -187,6 +187,26 @@ return math.floor(lowered * 1000)
 /// from half the rate takes 25 s).
 pub const RECOVERY_PER_SEC: f64 = 0.02;
 
+/// The effective-rate factor that `"factor:since_us"` stands for at `now` (µs): the stored value
+/// plus its recovery since then, as the acquire script computes it, so the status page shows the
+/// rate the fleet actually uses. Anything unreadable is 1 (no slowdown), as in the script.
+pub fn effective_factor(raw: &str, now_us: i64) -> f64 {
+    // The script's pattern: `^([%d%.]+):(%d+)$` (no sign, no exponent).
+    let digits =
+        |t: &str, dot: bool| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || (dot && b == b'.'));
+    let parsed = raw
+        .split_once(':')
+        .filter(|(f, since)| digits(f, true) && digits(since, false))
+        .and_then(|(f, since)| Some((f.parse::<f64>().ok()?, since.parse::<i64>().ok()?)));
+    match parsed {
+        Some((f, since)) if f.is_finite() => {
+            let recovered = now_us.saturating_sub(since).max(0) as f64 / 1_000_000.0 * RECOVERY_PER_SEC;
+            (f + recovered).min(1.0)
+        }
+        _ => 1.0,
+    }
+}
+
 /// Why the budget could not be consulted (Redis down, or a script error).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the rate budget in Redis is unavailable: {0}")]
@@ -338,10 +358,7 @@ impl RedisBudget {
             backlog_ms: backlog_us as f64 / 1000.0,
             paused_ms: pause_ms.max(0),
             circuit_open: open_until.and_then(|t| t.parse::<i64>().ok()).is_some_and(|t| t > now),
-            factor: factor
-                .and_then(|f| f.split(':').next().and_then(|f| f.parse::<f64>().ok()))
-                .filter(|f| f.is_finite())
-                .map_or(1.0, |f| f.clamp(0.0, 1.0)),
+            factor: factor.map_or(1.0, |raw| effective_factor(&raw, now)),
         })
     }
 
@@ -436,5 +453,24 @@ impl RedisBudget {
             "Unexplained 429: pausing the fleet and lowering the integration's effective rate."
         );
         Ok(permille as f64 / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shown_factor_recovers_as_the_acquire_script_does() {
+        let now = 100_000_000;
+        assert_eq!(effective_factor(&format!("0.5:{now}"), now), 0.5);
+        // 10 s later: 0.5 + 10 × 0.02.
+        assert!((effective_factor(&format!("0.5:{now}"), now + 10_000_000) - 0.7).abs() < 1e-9);
+        assert_eq!(effective_factor(&format!("0.5:{now}"), now + 60_000_000), 1.0);
+        // A stamp in the future (clock skew) does not lower it further.
+        assert_eq!(effective_factor(&format!("0.25:{}", now + 5_000_000), now), 0.25);
+        for junk in ["", "x", "0.5", "-0.5:1", "1e-1:5", "inf:5", "0.5:-3", "0.5:abc", ":5", "NaN:1"] {
+            assert_eq!(effective_factor(junk, now), 1.0, "{junk:?}");
+        }
     }
 }

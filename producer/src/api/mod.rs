@@ -43,6 +43,8 @@ pub struct AppState {
     pub hub: Hub,
     pub metrics: Arc<syncfleet_shared::metrics::Metrics>,
     tokens: Arc<auth::Tokens>,
+    /// The last `/v1/overview` answer and when it was computed (see `routes::OVERVIEW_TTL`).
+    overview: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, axum::body::Bytes)>>>,
 }
 
 #[derive(OpenApi)]
@@ -127,6 +129,7 @@ pub async fn serve(
         hub,
         metrics,
         tokens: Arc::new(tokens),
+        overview: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -443,7 +443,29 @@ GROUP BY d.id ORDER BY d.title, d.id
 /// Running syncs, queue depth, budgets, the last 24 h per database and recent failures.
 #[utoipa::path(get, path = "/v1/overview", tag = "status",
     responses((status = 200, description = "OK", body = Overview), (status = 401, description = "No or a wrong bearer token", body = ErrorBody)))]
-pub async fn get_overview(State(state): State<AppState>) -> Result<Json<Overview>, ApiError> {
+pub async fn get_overview(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    // One computation serves every viewer for OVERVIEW_TTL: the status page polls it, and a
+    // hundred open pages must cost PostgreSQL one overview every 2 s, not a hundred. Viewers
+    // arriving while it is computed wait for that result (the lock), instead of starting their own.
+    let mut slot = state.overview.lock().await;
+    let body = match slot.as_ref() {
+        Some((at, body)) if at.elapsed() < OVERVIEW_TTL => body.clone(),
+        _ => {
+            let overview = build_overview(&state).await?;
+            let body = axum::body::Bytes::from(serde_json::to_vec(&overview).map_err(ApiError::internal)?);
+            *slot = Some((Instant::now(), body.clone()));
+            body
+        }
+    };
+    drop(slot);
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// How long one computed overview is served.
+pub const OVERVIEW_TTL: Duration = Duration::from_secs(2);
+
+async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
     use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement};
     let db = &state.db;
     let active_rows = RunRow::find_by_statement(Statement::from_string(
@@ -507,5 +529,5 @@ pub async fn get_overview(State(state): State<AppState>) -> Result<Json<Overview
     let databases = DatabaseDay::find_by_statement(Statement::from_string(DbBackend::Postgres, DATABASE_DAY))
         .all(db)
         .await?;
-    Ok(Json(Overview { active, queue, integrations, databases, failures }))
+    Ok(Overview { active, queue, integrations, databases, failures })
 }

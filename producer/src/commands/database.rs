@@ -166,20 +166,21 @@ pub async fn register(
         view_error: Set(None),
         enabled: Set(true),
     };
+    // Registering again refreshes what Notion says; the schedule changes only when one is given
+    // (an operator re-reading a schema must not reset the interval they set).
+    let mut refreshed = vec![
+        notion_database::Column::Integration,
+        notion_database::Column::DataSourceId,
+        notion_database::Column::Title,
+        notion_database::Column::Schema,
+        notion_database::Column::SchemaHash,
+        notion_database::Column::UpdatedAt,
+    ];
+    if interval_secs.is_some() {
+        refreshed.push(notion_database::Column::SyncIntervalSecs);
+    }
     notion_database::Entity::insert(model)
-        .on_conflict(
-            OnConflict::column(notion_database::Column::Id)
-                .update_columns([
-                    notion_database::Column::Integration,
-                    notion_database::Column::DataSourceId,
-                    notion_database::Column::Title,
-                    notion_database::Column::Schema,
-                    notion_database::Column::SchemaHash,
-                    notion_database::Column::SyncIntervalSecs,
-                    notion_database::Column::UpdatedAt,
-                ])
-                .to_owned(),
-        )
+        .on_conflict(OnConflict::column(notion_database::Column::Id).update_columns(refreshed).to_owned())
         .exec(db)
         .await
         .context("saving the database")?;

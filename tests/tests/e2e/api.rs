@@ -218,6 +218,22 @@ async fn the_api_authenticates_validates_and_runs_a_job_whose_status_matches_syn
     let (status, body) =
         api.post("/v1/databases", json!({"integration": "acme", "id": uuid::Uuid::new_v4()})).await;
     assert_eq!(status, 404, "a database Notion does not have: {body}");
+    // Registering again refreshes the schema but keeps the schedule and the switch an operator
+    // set (disabled, so the scheduler leaves it alone).
+    let path = format!("/v1/databases/{second}");
+    let (status, patched) = api.patch(&path, json!({"enabled": false, "interval_secs": 3600})).await;
+    assert_eq!(status, 200, "{patched}");
+    let (status, again) = api.post("/v1/databases", json!({"integration": "acme", "id": second})).await;
+    assert!(status == 200 || status == 201, "{status} {again}");
+    let (_, kept) = api.get(&path).await;
+    assert_eq!(
+        (kept["interval_secs"].clone(), kept["enabled"].clone()),
+        (json!(3600), json!(false)),
+        "{kept}"
+    );
+    let (_, changed) =
+        api.post("/v1/databases", json!({"integration": "acme", "id": second, "interval_secs": 7200})).await;
+    assert_eq!(changed["interval_secs"], json!(7200), "an interval given is applied: {changed}");
     let (_, listed) = api.get("/v1/databases").await;
     assert_eq!(listed.as_array().expect("list").len(), 2);
 
@@ -713,6 +729,28 @@ async fn two_hundred_sse_clients_on_ten_running_jobs_cost_the_database_per_job_n
     // (Slack: one scheduler tick more or less in a window.)
     assert!(watched <= idle + (idle / 2).max(6), "watching cost {watched} statements against {idle} idle");
     assert!(connect_cost <= 3 * 200, "connecting cost {connect_cost} statements");
+    // 100 status pages polling at once: one overview computation serves them all (cached for
+    // 2 s, computed by one request while the others wait for it).
+    let overviews = || async {
+        env.scalar::<i64>(
+            "SELECT COALESCE(sum(calls), 0)::bigint FROM pg_stat_statements \
+             WHERE query LIKE '%LEFT JOIN sync_runs r ON r.database_id = d.id%'",
+        )
+        .await
+    };
+    let before = overviews().await;
+    let started = Instant::now();
+    let answers = futures_util::future::join_all((0..100).map(|_| api.get("/v1/overview"))).await;
+    let took = started.elapsed();
+    let computed = overviews().await - before;
+    assert!(
+        answers.iter().all(|(status, body)| *status == 200 && body["databases"].is_array()),
+        "{:?}",
+        answers[0]
+    );
+    let bound = 2 + (took.as_secs_f64() / 2.0) as i64;
+    println!("overview: 100 concurrent requests in {took:?}, {computed} computations");
+    assert!(computed <= bound, "100 viewers cost {computed} overview computations in {took:?}");
     // Every client ends with the final state of its run.
     for (i, c) in clients.into_iter().enumerate() {
         let last =
