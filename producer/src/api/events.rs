@@ -8,7 +8,10 @@
 //! watch: nothing polls per client.
 //!
 //! Notifications sent while the listening connection was down are lost, so after every
-//! reconnect the hub reads the watched runs once (one query for all of them).
+//! reconnect the hub reads the watched runs once (one query for all of them). The trigger also
+//! leaves notifications out when PostgreSQL's notification queue is past half full (a stalled
+//! listener must not make run updates fail), so the hub re-reads the watched runs every
+//! [`SWEEP_EVERY`] as well.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +28,9 @@ use super::model::RunRow;
 
 /// The notification channel the trigger sends on.
 pub const CHANNEL: &str = "syncfleet_runs";
+
+/// How often the watched runs are re-read even when notifications come.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 type Slot = watch::Sender<Option<Arc<RunRow>>>;
 
@@ -45,13 +51,7 @@ impl Hub {
         db: DatabaseConnection,
         stop: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let mut listener = PgListener::connect(database_url.expose_secret())
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot LISTEN on PostgreSQL: {}", scrub(&e, database_url)))?;
-        listener
-            .listen(CHANNEL)
-            .await
-            .map_err(|e| anyhow::anyhow!("LISTEN {CHANNEL} failed: {}", scrub(&e, database_url)))?;
+        let listener = connect(database_url).await?;
         let hub = Self { runs: Arc::default(), db, received: Arc::default() };
         let task = hub.clone();
         let url = database_url.clone();
@@ -61,9 +61,18 @@ impl Hub {
 
     async fn listen(self, mut listener: PgListener, url: secrecy::SecretString, stop: CancellationToken) {
         let mut delays = syncfleet_shared::retry::delays(Duration::from_millis(200), Duration::from_secs(10));
+        // The backstop for notifications the trigger leaves out (a NOTIFY queue past half full)
+        // or that never arrive: one read of every watched run per period, whatever the number
+        // of watchers.
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = sweep.tick() => {
+                    self.refresh().await;
+                    continue;
+                }
                 next = listener.try_recv() => next,
             };
             match next {
@@ -76,20 +85,29 @@ impl Hub {
                     delays =
                         syncfleet_shared::retry::delays(Duration::from_millis(200), Duration::from_secs(10));
                 }
-                // The connection was lost; the next call reconnects. What was sent meanwhile is
-                // read from the table.
-                Ok(None) => {
-                    tracing::warn!("The run-progress LISTEN connection was lost; reconnecting.");
-                    self.refresh().await;
-                }
-                Err(e) => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %scrub(&e, &url), retry_in_ms = delay.as_millis() as u64,
-                        "The run-progress listener failed.");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                // The connection was lost. Listen again first, then read the watched runs: a
+                // change committed in between is then either in what is read or notified
+                // after it (read first, it could fall between the two and be missed).
+                Ok(None) | Err(_) => {
+                    if let Err(e) = next {
+                        tracing::warn!(error = %scrub(&e, &url), "The run-progress listener failed.");
+                    } else {
+                        tracing::warn!("The run-progress LISTEN connection was lost; reconnecting.");
                     }
+                    listener = loop {
+                        match connect(&url).await {
+                            Ok(fresh) => break fresh,
+                            Err(e) => {
+                                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                                    "Could not LISTEN again for run progress.");
+                                tokio::select! {
+                                    _ = stop.cancelled() => return,
+                                    _ = tokio::time::sleep(delay) => {}
+                                }
+                            }
+                        }
+                    };
                     self.refresh().await;
                 }
             }
@@ -106,7 +124,7 @@ impl Hub {
                 return;
             }
             slot.send_if_modified(|current| {
-                if current.as_ref().is_some_and(|c| c.seq >= row.seq) {
+                if current.as_ref().is_some_and(|c| !row.supersedes(c)) {
                     return false;
                 }
                 *current = Some(Arc::new(row));
@@ -150,11 +168,32 @@ impl Hub {
     }
 }
 
+/// A listening connection on [`CHANNEL`]; its error names no secret.
+async fn connect(url: &secrecy::SecretString) -> anyhow::Result<PgListener> {
+    let mut listener = PgListener::connect(url.expose_secret())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot LISTEN on PostgreSQL: {}", scrub(&e, url)))?;
+    listener.listen(CHANNEL).await.map_err(|e| anyhow::anyhow!("LISTEN {CHANNEL} failed: {}", scrub(&e, url)))?;
+    Ok(listener)
+}
+
 fn scrub(e: &dyn std::fmt::Display, url: &secrecy::SecretString) -> String {
     syncfleet_shared::secret::scrub(&e.to_string(), url.expose_secret())
 }
 
 impl RunRow {
+    /// Whether this state of a run replaces `current` for its watchers. A final state wins over
+    /// any non-final one and is never replaced by one (PostgreSQL refuses to move a final run,
+    /// so a non-final state after it is stale: a refresh racing a notification); otherwise the
+    /// higher change sequence wins.
+    pub fn supersedes(&self, current: &RunRow) -> bool {
+        match (current.is_final(), self.is_final()) {
+            (false, true) => true,
+            (true, false) => false,
+            _ => self.seq > current.seq,
+        }
+    }
+
     /// The runs with these ids (one query).
     pub async fn find_many(db: &DatabaseConnection, ids: &[Uuid]) -> Result<Vec<RunRow>, sea_orm::DbErr> {
         RunRow::find_by_statement(Statement::from_sql_and_values(
@@ -164,5 +203,34 @@ impl RunRow {
         ))
         .all(db)
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(status: &str, seq: i64) -> RunRow {
+        serde_json::from_value(serde_json::json!({
+            "id": Uuid::nil(), "database_id": Uuid::nil(), "integration": "acme", "mode": "full",
+            "reason": "api", "status": status, "attempt": 1, "enqueued_at": "2026-11-24T00:00:00Z",
+            "started_at": null, "finished_at": null, "requests": 0, "rate_limited": 0, "pages_seen": 0,
+            "pages_created": 0, "pages_updated": 0, "pages_unchanged": 0, "pages_deleted": 0,
+            "pages_invalid": 0, "error_kind": null, "error_message": null, "seq": seq
+        }))
+        .expect("row")
+    }
+
+    #[test]
+    fn a_final_state_is_never_replaced_by_a_non_final_one_and_otherwise_the_newer_wins() {
+        assert!(row("running", 5).supersedes(&row("running", 4)));
+        assert!(!row("running", 4).supersedes(&row("running", 4)));
+        assert!(!row("running", 3).supersedes(&row("running", 4)));
+        // A final state wins even with a lower sequence (a refresh raced the notification).
+        assert!(row("succeeded", 3).supersedes(&row("running", 4)));
+        // Nothing non-final follows a final state.
+        assert!(!row("retrying", 9).supersedes(&row("failed", 4)));
+        assert!(!row("running", 9).supersedes(&row("succeeded", 4)));
+        assert!(row("failed", 5).supersedes(&row("failed", 4)));
     }
 }

@@ -214,7 +214,7 @@ pub fn progress_stream(
                 return None;
             }
             if let Some(newer) = st.rx.borrow_and_update().clone()
-                && newer.seq > st.current.seq
+                && newer.supersedes(&st.current)
             {
                 st.current = newer;
             }

@@ -910,3 +910,74 @@ async fn a_publish_whose_confirm_never_comes_is_a_202_with_its_job_id_and_the_jo
     env.cleanup().await;
     drop(rabbit);
 }
+
+#[tokio::test]
+async fn past_half_a_notify_queue_run_writes_still_commit_unannounced_and_watchers_still_get_the_final_state() {
+    use secrecy::ExposeSecret;
+    use sea_orm::sqlx::{Connection, Executor};
+    let mut env = TestEnv::start(SimConfig { pages: 1, ..SimConfig::default() }).await.expect("env");
+    let db = env.register("acme", 50.0, 10, 0).await.expect("register");
+    let api = Api::start(&mut env).await;
+    let url = env.settings.database.url.expose_secret().to_string();
+    let job = |db| {
+        syncfleet_shared::job::JobEnvelope::new(
+            "urn:test",
+            syncfleet_shared::job::SyncDatabaseJob {
+                integration: "acme".into(),
+                database_id: db,
+                mode: syncfleet_shared::job::SyncMode::Full,
+                priority: Default::default(),
+                reason: Default::default(),
+            },
+        )
+    };
+    let (watched, other) = (job(db), job(db));
+    for j in [&watched, &other] {
+        syncfleet_shared::db::runs::insert_queued(&env.db, j).await.expect("insert");
+    }
+    let mut client = SseClient::connect(&format!("{}/v1/jobs/{}/events", api.base, watched.id), None).await;
+    let (kind, _, first) = client.next().await.expect("first event");
+    assert_eq!((kind.as_str(), &first["status"]), ("progress", &json!("queued")));
+    let mut listener = sea_orm::sqlx::postgres::PgListener::connect(&url).await.expect("listen connection");
+    listener.listen("syncfleet_runs").await.expect("LISTEN");
+
+    // A session where the queue reads 75% full. PostgreSQL 15's queue is 8 GB, too big to fill in
+    // a test, so the builtin is shadowed for this one session (pg_catalog placed after `fake`).
+    let mut full = sea_orm::sqlx::PgConnection::connect(&url).await.expect("connect");
+    full.execute(
+        "CREATE SCHEMA fake; \
+         CREATE FUNCTION fake.pg_notification_queue_usage() RETURNS double precision LANGUAGE sql AS 'SELECT 0.75::float8'; \
+         SET search_path = fake, pg_catalog, public",
+    )
+    .await
+    .expect("shadow the queue usage");
+    let finish = format!(
+        "UPDATE sync_runs SET status = 'succeeded', started_at = now(), finished_at = now() WHERE id = '{}'",
+        watched.id
+    );
+    full.execute(sea_orm::sqlx::AssertSqlSafe(finish))
+        .await
+    .expect("the run's write commits although the queue is past half full");
+    full.close().await.expect("close");
+    // A normal session's change is announced; it is the first notification, so the one above
+    // was left out (notifications arrive in commit order).
+    env.execute(&format!("UPDATE sync_runs SET status = 'failed' WHERE id = '{}'", other.id)).await.expect("update");
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("notified")
+        .expect("recv");
+    let announced: Value = serde_json::from_str(note.payload()).expect("payload");
+    assert_eq!(announced["id"], json!(other.id), "the change past the threshold was not announced");
+
+    // The watcher still ends with the stored final state: the hub re-reads watched runs.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let last = loop {
+        assert!(Instant::now() < deadline, "no final event without a notification");
+        let event = tokio::time::timeout(Duration::from_secs(30), client.next()).await.expect("an event").expect("stream open");
+        if event.0 == "final" {
+            break event;
+        }
+    };
+    assert_eq!(last.2["status"], "succeeded");
+    env.cleanup().await;
+}
