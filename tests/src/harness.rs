@@ -358,19 +358,7 @@ impl TestEnv {
 
     /// Waits until the run is final (or `timeout`), returning its row.
     pub async fn wait_run(&self, run_id: Uuid, timeout: Duration) -> anyhow::Result<sync_run::Model> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(run) = sync_run::Entity::find_by_id(run_id).one(&self.db).await?
-                && sync_run::status::is_final(&run.status)
-            {
-                return Ok(run);
-            }
-            if Instant::now() > deadline {
-                let run = sync_run::Entity::find_by_id(run_id).one(&self.db).await?;
-                bail!("run {run_id} not final after {timeout:?}: {run:?}\nworker log: {}", self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_run_until(run_id, timeout, |run| sync_run::status::is_final(&run.status)).await
     }
 
     /// Waits until `check` holds for the run row.
@@ -382,13 +370,17 @@ impl TestEnv {
     ) -> anyhow::Result<sync_run::Model> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(run) = sync_run::Entity::find_by_id(run_id).one(&self.db).await?
-                && check(&run)
-            {
-                return Ok(run);
-            }
+            // A failed read (a test that cuts PostgreSQL's connections, say) is retried until the
+            // deadline: the pool replaces the connections it finds broken.
+            let read = match sync_run::Entity::find_by_id(run_id).one(&self.db).await {
+                Ok(Some(run)) if check(&run) => return Ok(run),
+                other => other,
+            };
             if Instant::now() > deadline {
-                bail!("run {run_id}: condition not met after {timeout:?}\nworker log: {}", self.log_tail());
+                bail!(
+                    "run {run_id}: condition not met after {timeout:?}; last read: {read:?}\nworker log: {}",
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

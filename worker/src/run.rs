@@ -206,6 +206,12 @@ async fn run_locked(
         Ok(f) => f,
         Err(e) => return unheld(ctx, job, attempt, JobFailure::Db(e)).await,
     };
+    // Before the run's checkpoint is read: a crash recovery after this point (which can drop
+    // commits made without waiting for the WAL, the checkpoint's included) empties the marker,
+    // and every later write of this attempt sees that.
+    if let Err(e) = fence::mark_attempt(&ctx.db, database.id, fence).await {
+        return unheld(ctx, job, attempt, JobFailure::Db(e)).await;
+    }
     let started = match runs::start_attempt(&ctx.db, job, attempt, &ctx.worker_id, fence).await {
         Ok(StartOutcome::Started(started)) => started,
         Ok(StartOutcome::AlreadyFinal { status, dead_lettered }) => {

@@ -84,21 +84,24 @@ impl SyncRun {
     /// Rejects the transaction when another worker has taken the database's lock since, or when
     /// PostgreSQL restarted since the attempt began (earlier batches may be lost with it).
     async fn check_fence<C: ConnectionTrait>(&self, txn: &C) -> Result<(), JobFailure> {
-        let (current, server_started) = fence::check_holder(txn, self.database.id, self.fence).await?;
-        if server_started != self.server_started {
+        let holder = fence::check_holder(txn, self.database.id, self.fence).await?;
+        // The fence first: a newer holder drops this attempt's marker, and its run is the newer
+        // holder's to finish, not a restart to retry.
+        if !holder.current {
+            self.metrics.fence_rejected_writes.inc();
+            tracing::warn!(fence = self.fence, "Write rejected: a newer lock holder owns this database.");
+            return Err(JobFailure::FenceRejected(self.fence));
+        }
+        if holder.server_started != self.server_started || !holder.marked {
             tracing::warn!(
                 attempt_began_on = %self.server_started,
-                server_now = %server_started,
-                "PostgreSQL restarted during the run; resuming from the stored checkpoint."
+                server_now = %holder.server_started,
+                marker_kept = holder.marked,
+                "PostgreSQL restarted or recovered from a crash during the run; resuming from the stored checkpoint."
             );
             return Err(JobFailure::ServerRestarted);
         }
-        if current {
-            return Ok(());
-        }
-        self.metrics.fence_rejected_writes.inc();
-        tracing::warn!(fence = self.fence, "Write rejected: a newer lock holder owns this database.");
-        Err(JobFailure::FenceRejected(self.fence))
+        Ok(())
     }
 
     /// Writes one batch; commits only after batch `seq - 1` has committed.

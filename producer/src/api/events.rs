@@ -173,7 +173,10 @@ async fn connect(url: &secrecy::SecretString) -> anyhow::Result<PgListener> {
     let mut listener = PgListener::connect(url.expose_secret())
         .await
         .map_err(|e| anyhow::anyhow!("cannot LISTEN on PostgreSQL: {}", scrub(&e, url)))?;
-    listener.listen(CHANNEL).await.map_err(|e| anyhow::anyhow!("LISTEN {CHANNEL} failed: {}", scrub(&e, url)))?;
+    listener
+        .listen(CHANNEL)
+        .await
+        .map_err(|e| anyhow::anyhow!("LISTEN {CHANNEL} failed: {}", scrub(&e, url)))?;
     Ok(listener)
 }
 

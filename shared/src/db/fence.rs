@@ -18,27 +18,55 @@ pub async fn next<C: ConnectionTrait>(conn: &C, database_id: Uuid) -> Result<i64
     row.try_get("", "fence")
 }
 
-/// True when `fence` is still current; call first inside every write transaction.
-/// Whether `fence` is still the database's fence (the row is share-locked until the transaction
-/// ends), and when the PostgreSQL server answering came up.
+/// What a write transaction learns about its lock and server before it writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Holder {
+    /// `fence` is still the database's fence (the row is share-locked until the transaction ends).
+    pub current: bool,
+    /// When the PostgreSQL server answering came up.
+    pub server_started: chrono::DateTime<chrono::Utc>,
+    /// The attempt's marker (see [`mark_attempt`]) is still there: no crash recovery since.
+    pub marked: bool,
+}
+
+/// Reads [`Holder`]; call first inside every write transaction.
 pub async fn check_holder<C: ConnectionTrait>(
     conn: &C,
     database_id: Uuid,
     fence: i64,
-) -> Result<(bool, chrono::DateTime<chrono::Utc>), DbErr> {
+) -> Result<Holder, DbErr> {
     let row = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT (SELECT fence FROM notion_databases WHERE id = $1 FOR SHARE) AS fence, \
-                    pg_postmaster_start_time() AS server_started",
-            [database_id.into()],
+                    pg_postmaster_start_time() AS server_started, \
+                    EXISTS (SELECT 1 FROM sync_attempt_markers WHERE database_id = $1 AND fence = $2) AS marked",
+            [database_id.into(), fence.into()],
         ))
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("no row from the fence check".into()))?;
     let current: Option<i64> = row.try_get("", "fence")?;
-    Ok((current == Some(fence), row.try_get("", "server_started")?))
+    Ok(Holder {
+        current: current == Some(fence),
+        server_started: row.try_get("", "server_started")?,
+        marked: row.try_get("", "marked")?,
+    })
 }
 
+/// Marks the attempt holding `fence` in the UNLOGGED `sync_attempt_markers` (PostgreSQL empties
+/// it in crash recovery), dropping the markers of earlier holders of the database.
+pub async fn mark_attempt<C: ConnectionTrait>(conn: &C, database_id: Uuid, fence: i64) -> Result<(), DbErr> {
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "WITH earlier AS (DELETE FROM sync_attempt_markers WHERE database_id = $1 AND fence < $2) \
+         INSERT INTO sync_attempt_markers (database_id, fence) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        [database_id.into(), fence.into()],
+    ))
+    .await
+    .map(|_| ())
+}
+
+/// True when `fence` is still current; call first inside every write transaction.
 pub async fn is_current<C: ConnectionTrait>(conn: &C, database_id: Uuid, fence: i64) -> Result<bool, DbErr> {
     let row = conn
         .query_one_raw(Statement::from_sql_and_values(

@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_exactness::Migration),
             Box::new(m20261124_000004_confirmations::Migration),
             Box::new(m20261124_000005_control_plane::Migration),
+            Box::new(m20261124_000006_attempt_markers::Migration),
         ]
     }
 }
@@ -366,7 +367,13 @@ BEGIN
     IF octet_length(payload::text) > 7000 THEN
         payload := payload || '{"integration": "", "error_message": null}'::jsonb;
     END IF;
-    PERFORM pg_notify('syncfleet_runs', payload::text);
+    -- A listener that stops reading (a stuck producer) makes the queue grow; once it is full,
+    -- every NOTIFY, and so every transaction that changes a run, fails at commit. Progress
+    -- notifications are a convenience and the mirror is not: past half full they are left out
+    -- (watchers re-read their runs every few seconds; SyncfleetNotifyQueueFilling alerts).
+    IF pg_notification_queue_usage() < 0.5 THEN
+        PERFORM pg_notify('syncfleet_runs', payload::text);
+    END IF;
     RETURN NULL;
 END
 $fn$;
@@ -384,6 +391,44 @@ CREATE TRIGGER sync_runs_notify AFTER INSERT OR UPDATE ON sync_runs
         DROP FUNCTION IF EXISTS syncfleet_run_notify(); DROP FUNCTION IF EXISTS syncfleet_run_seq(); \
         DROP INDEX IF EXISTS sync_runs_history; \
         ALTER TABLE sync_runs DROP COLUMN change_seq; ALTER TABLE notion_databases DROP COLUMN enabled;";
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
+        }
+    }
+}
+
+/// One UNLOGGED row per running attempt (database, fence). PostgreSQL empties unlogged tables
+/// in crash recovery, which also drops commits made with `synchronous_commit = off`; a backend
+/// crash recovers without restarting the postmaster, so `pg_postmaster_start_time()` alone does
+/// not show it. A missing marker does.
+mod m20261124_000006_attempt_markers {
+    use sea_orm_migration::prelude::*;
+
+    pub struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m20261124_000006_attempt_markers"
+        }
+    }
+
+    const UP: &str = r#"
+CREATE UNLOGGED TABLE IF NOT EXISTS sync_attempt_markers (
+    database_id uuid NOT NULL,
+    fence       bigint NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (database_id, fence)
+);
+"#;
+
+    const DOWN: &str = "DROP TABLE IF EXISTS sync_attempt_markers;";
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {

@@ -912,9 +912,10 @@ async fn a_publish_whose_confirm_never_comes_is_a_202_with_its_job_id_and_the_jo
 }
 
 #[tokio::test]
-async fn past_half_a_notify_queue_run_writes_still_commit_unannounced_and_watchers_still_get_the_final_state() {
-    use secrecy::ExposeSecret;
+async fn past_half_a_notify_queue_run_writes_still_commit_unannounced_and_watchers_still_get_the_final_state()
+{
     use sea_orm::sqlx::{Connection, Executor};
+    use secrecy::ExposeSecret;
     let mut env = TestEnv::start(SimConfig { pages: 1, ..SimConfig::default() }).await.expect("env");
     let db = env.register("acme", 50.0, 10, 0).await.expect("register");
     let api = Api::start(&mut env).await;
@@ -957,11 +958,13 @@ async fn past_half_a_notify_queue_run_writes_still_commit_unannounced_and_watche
     );
     full.execute(sea_orm::sqlx::AssertSqlSafe(finish))
         .await
-    .expect("the run's write commits although the queue is past half full");
+        .expect("the run's write commits although the queue is past half full");
     full.close().await.expect("close");
     // A normal session's change is announced; it is the first notification, so the one above
     // was left out (notifications arrive in commit order).
-    env.execute(&format!("UPDATE sync_runs SET status = 'failed' WHERE id = '{}'", other.id)).await.expect("update");
+    env.execute(&format!("UPDATE sync_runs SET status = 'failed' WHERE id = '{}'", other.id))
+        .await
+        .expect("update");
     let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
         .await
         .expect("notified")
@@ -973,7 +976,10 @@ async fn past_half_a_notify_queue_run_writes_still_commit_unannounced_and_watche
     let deadline = Instant::now() + Duration::from_secs(40);
     let last = loop {
         assert!(Instant::now() < deadline, "no final event without a notification");
-        let event = tokio::time::timeout(Duration::from_secs(30), client.next()).await.expect("an event").expect("stream open");
+        let event = tokio::time::timeout(Duration::from_secs(30), client.next())
+            .await
+            .expect("an event")
+            .expect("stream open");
         if event.0 == "final" {
             break event;
         }

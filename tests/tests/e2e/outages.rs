@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use sea_orm::ConnectionTrait;
 use syncfleet_shared::job::SyncMode;
 use syncfleet_tests::harness::{Servers, TestEnv, free_port, http_get, metric_value};
 use syncfleet_tests::private::{PrivatePostgres, PrivateRabbit};
@@ -95,4 +96,51 @@ async fn after_postgresql_is_down_longer_than_every_retry_tier_no_run_is_left_ru
     let report = env.verify(db).await.expect("verify");
     assert!(report.is_exact(), "{report:?}");
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_backend_crash_mid_run_loses_no_page_although_unflushed_commits_are_dropped() {
+    let pg = PrivatePostgres::start().await.expect("private postgresql");
+    // About ten batches a second, each committed without waiting for the WAL: a crash drops the
+    // last few hundred milliseconds of them.
+    let sim = SimConfig { pages: 6000, rate: 10.0, burst: 2, ..SimConfig::default() };
+    let servers = Servers { pg_admin: Some(pg.admin_url()), ..Servers::default() };
+    let mut env = TestEnv::start_on(sim, servers).await.expect("env");
+    let db = env.register("acme", 10.0, 2, 0).await.expect("register");
+    env.spawn_worker(1).expect("worker");
+    let run = env.enqueue("acme", db, SyncMode::Full).await.expect("enqueue");
+    env.wait_run_until(run, SHORT, |r| r.pages_seen >= 1500).await.expect("progress");
+    let started: String = env.scalar("SELECT pg_postmaster_start_time()::text").await;
+    // One backend killed: the postmaster stays up, terminates every backend and recovers from
+    // the WAL (no restart: pg_postmaster_start_time() does not change).
+    let backend: i32 = env
+        .scalar(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND pid <> pg_backend_pid() ORDER BY backend_start LIMIT 1",
+        )
+        .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(backend), Signal::SIGKILL).expect("kill -9 a backend");
+    let done = env.wait_run(run, LONG).await.expect("the run ends");
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    // (The test's own pooled connections were cut too; the pool replaces them as they fail.)
+    let deadline = std::time::Instant::now() + SHORT;
+    let after = loop {
+        let read = env
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_postmaster_start_time()::text",
+            ))
+            .await;
+        if let Ok(Some(row)) = read {
+            break row.try_get_by_index::<String>(0).ok();
+        }
+        assert!(std::time::Instant::now() < deadline, "PostgreSQL does not answer the test again: {read:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(Some(started), after, "a crash recovery, not a restart");
+    let report = env.verify(db).await.expect("verify");
+    assert!(report.is_exact(), "{report:?}");
+    env.cleanup().await;
+    drop(pg);
 }
