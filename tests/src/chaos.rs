@@ -369,6 +369,22 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
         report.recovery_secs.insert(fault.clone(), if secs < 0 { -1.0 } else { secs as f64 / 1000.0 });
     }
     report.elapsed_secs = (started.elapsed().as_millis() as f64 / 100.0).round() / 10.0;
+    if report.runs_left_nonterminal > 0 {
+        // Which runs, and where they stopped: enough to tell a slow calm phase from a lost job.
+        let rows = env
+            .db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT format('%s db=%s status=%s attempt=%s worker=%s error=%s heartbeat=%s enqueued=%s', \
+                        id, database_id, status, attempt, worker, error_kind, heartbeat_at, enqueued_at) \
+                 FROM sync_runs WHERE status IN ('queued', 'running', 'retrying', 'abandoned')"
+                    .to_string(),
+            ))
+            .await?;
+        for row in rows {
+            eprintln!("chaos: left nonterminal: {}", row.try_get_by_index::<String>(0)?);
+        }
+    }
     if unexpected > 0 {
         // Why they exited: each process's last words are in the shared log.
         for line in env.log().lines().filter(|l| is_exit_cause(l)) {
