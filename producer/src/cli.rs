@@ -56,6 +56,12 @@ pub enum Command {
     /// Run history and live progress (the API's `/v1/runs`, `/v1/jobs/{id}` and events).
     #[command(subcommand)]
     Runs(crate::commands::runs::RunsCommand),
+    /// Active runs, queue depth, budgets, the last 24 h per database and recent failures (the
+    /// API's `/v1/overview`, which the status page shows).
+    Overview {
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs, success rate, durations and pages over the last hours (the API's `/v1/stats`).
     Stats {
         #[arg(long, default_value_t = 24)]
@@ -184,5 +190,6 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
         }
         Command::Runs(command) => commands::runs::run(&settings, command).await,
         Command::Stats { hours, json } => commands::runs::stats(&settings, hours, json).await,
+        Command::Overview { json } => commands::runs::overview(&settings, json).await,
     }
 }

@@ -16,7 +16,7 @@ mod error;
 mod events;
 pub mod model;
 mod page;
-mod routes;
+pub mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -452,7 +452,9 @@ pub async fn get_overview(State(state): State<AppState>) -> Result<axum::respons
     let body = match slot.as_ref() {
         Some((at, body)) if at.elapsed() < OVERVIEW_TTL => body.clone(),
         _ => {
-            let overview = build_overview(&state).await?;
+            let overview =
+                build_overview(&state.db, &state.publisher, &state.redis, &state.settings.redis.key_prefix)
+                    .await?;
             let body = axum::body::Bytes::from(serde_json::to_vec(&overview).map_err(ApiError::internal)?);
             *slot = Some((Instant::now(), body.clone()));
             body
@@ -465,9 +467,14 @@ pub async fn get_overview(State(state): State<AppState>) -> Result<axum::respons
 /// How long one computed overview is served.
 pub const OVERVIEW_TTL: Duration = Duration::from_secs(2);
 
-async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
+/// Computes the overview (the API's `/v1/overview`, and `syncfleet-producer overview`).
+pub async fn build_overview(
+    db: &sea_orm::DatabaseConnection,
+    publisher: &crate::publish::JobPublisher,
+    redis: &syncfleet_shared::redis_pool::RedisPool,
+    key_prefix: &str,
+) -> Result<Overview, ApiError> {
     use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement};
-    let db = &state.db;
     let active_rows = RunRow::find_by_statement(Statement::from_string(
         DbBackend::Postgres,
         format!(
@@ -494,7 +501,7 @@ async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
     .iter()
     .map(|r| r.view(None))
     .collect();
-    let queue = match state.publisher.queue_depth().await {
+    let queue = match publisher.queue_depth().await {
         Ok((ready, consumers)) => QueueDepth { ready: Some(ready), consumers: Some(consumers), error: None },
         Err(e) => QueueDepth { ready: None, consumers: None, error: Some(e.to_string()) },
     };
@@ -507,7 +514,7 @@ async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
              FROM integrations i ORDER BY i.slug",
         ))
         .await?;
-    let budget = syncfleet_shared::budget::Budget::new(state.redis.clone(), &state.settings.redis.key_prefix);
+    let budget = syncfleet_shared::budget::Budget::new(redis.clone(), key_prefix);
     let mut integrations = Vec::with_capacity(rows.len());
     for row in rows {
         let slug: String = row.try_get("", "slug")?;

@@ -10,6 +10,7 @@ use syncfleet_shared::job::{Reason, SyncDatabaseJob, SyncMode};
 use uuid::Uuid;
 
 use crate::api::model::{ModeParam, PriorityParam};
+use crate::commands::runs::WatchOutput;
 use crate::publish::JobPublisher;
 
 #[derive(clap::Args, Debug)]
@@ -56,5 +57,6 @@ pub async fn run(settings: &Settings, args: &EnqueueArgs) -> anyhow::Result<()> 
     if !args.wait {
         return Ok(());
     }
-    crate::commands::runs::watch(settings, &db, job.id, Duration::from_secs(args.timeout_secs)).await
+    let output = if args.json { WatchOutput::JsonLines } else { WatchOutput::Bar };
+    crate::commands::runs::watch(settings, &db, job.id, Duration::from_secs(args.timeout_secs), output).await
 }

@@ -47,6 +47,10 @@ pub enum RunsCommand {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 6 * 3600)]
         timeout_secs: u64,
+        /// One JSON line per change of the run (as `runs show --json`, on one line) instead of
+        /// a progress bar; the last line is the final state.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -127,8 +131,9 @@ pub async fn run(settings: &Settings, command: RunsCommand) -> anyhow::Result<()
             }
             Ok(())
         }
-        RunsCommand::Watch { id, timeout_secs } => {
-            watch(settings, &db, id_arg("id", &id)?, Duration::from_secs(timeout_secs)).await
+        RunsCommand::Watch { id, timeout_secs, json } => {
+            let output = if json { WatchOutput::JsonLines } else { WatchOutput::Bar };
+            watch(settings, &db, id_arg("id", &id)?, Duration::from_secs(timeout_secs), output).await
         }
     }
 }
@@ -152,12 +157,22 @@ fn summary(run: &model::Run) -> String {
     )
 }
 
-/// Follows run `id` with a progress bar until it is final.
+/// How [`watch`] shows a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchOutput {
+    /// A progress bar and a summary line.
+    Bar,
+    /// One JSON object per line, per change.
+    JsonLines,
+}
+
+/// Follows run `id` until it is final.
 pub async fn watch(
     settings: &Settings,
     db: &sea_orm::DatabaseConnection,
     id: Uuid,
     timeout: Duration,
+    output: WatchOutput,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
@@ -175,9 +190,19 @@ pub async fn watch(
         "{spinner} [{elapsed_precise}] {pos} pages · {msg}"
     };
     bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
-    bar.enable_steady_tick(Duration::from_millis(120));
+    if output == WatchOutput::JsonLines {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    } else {
+        bar.enable_steady_tick(Duration::from_millis(120));
+    }
     let deadline = tokio::time::Instant::now() + timeout;
+    // Whether `current` is a state not shown yet (a wake-up can bring nothing new).
+    let mut fresh = true;
     loop {
+        if output == WatchOutput::JsonLines && fresh {
+            println!("{}", serde_json::to_string(&current.view(estimate))?);
+        }
+        fresh = false;
         if let Some(len) = bar.length()
             && current.pages_seen.max(0) as u64 > len
         {
@@ -191,7 +216,9 @@ pub async fn watch(
         if current.is_final() {
             bar.finish();
             let view = current.view(estimate);
-            println!("{}", summary(&view));
+            if output == WatchOutput::Bar {
+                println!("{}", summary(&view));
+            }
             if current.status == "failed" {
                 let e = view
                     .error
@@ -213,11 +240,80 @@ pub async fn watch(
             }
         }
         if let Some(newer) = rx.borrow_and_update().clone()
-            && newer.seq > current.seq
+            && newer.supersedes(&current)
         {
             current = (*newer).clone();
+            fresh = true;
         }
     }
+}
+
+/// What the status page shows, on the terminal (the API's `/v1/overview`).
+pub async fn overview(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let db = syncfleet_shared::db::connect(&settings.database).await?;
+    let redis = syncfleet_shared::redis_pool::connect(&settings.redis).await?;
+    let metrics = syncfleet_shared::metrics::Metrics::new(syncfleet_shared::metrics::Role::Producer);
+    let publisher = crate::publish::JobPublisher::connect(settings, metrics).await?;
+    let o = crate::api::routes::build_overview(&db, &publisher, &redis, &settings.redis.key_prefix)
+        .await
+        .map_err(|e| anyhow!("{}", e.message))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&o)?);
+        return Ok(());
+    }
+    let count = |n: Option<u32>| n.map_or_else(|| "?".to_string(), |n| n.to_string());
+    println!(
+        "queue: {} ready, {} consumers{}",
+        count(o.queue.ready),
+        count(o.queue.consumers),
+        o.queue.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+    );
+    println!("active runs: {}", o.active.len());
+    for run in &o.active {
+        let of = run.progress.estimated_total.map(|t| format!("/{t}")).unwrap_or_default();
+        println!(
+            "  {} {} {} {}{of} pages, {} requests",
+            run.id, run.mode, run.status, run.counters.pages_seen, run.counters.requests
+        );
+    }
+    println!("integrations:");
+    for i in &o.integrations {
+        let budget = match (i.backlog_ms, i.paused_ms, i.circuit_open, i.rate_factor) {
+            (Some(backlog), Some(paused), Some(open), Some(factor)) => format!(
+                "backlog {backlog:.0} ms, paused {paused} ms, circuit {}, rate factor {factor:.2}",
+                if open { "open" } else { "closed" }
+            ),
+            _ => "budget unreadable (Redis)".to_string(),
+        };
+        println!(
+            "  {}: {}/s burst {}; {} requests in the last hour ({:.0}% of the rate); {budget}",
+            i.slug,
+            i.rate,
+            i.burst,
+            i.requests_last_hour,
+            i.use_last_hour * 100.0
+        );
+    }
+    println!("databases, last 24 h:");
+    for d in &o.databases {
+        println!(
+            "  {} ({}){}: {} runs, {} failed, {} pages; last {}{}",
+            d.title,
+            d.id,
+            if d.enabled { "" } else { " [disabled]" },
+            d.runs,
+            d.failed,
+            d.pages,
+            d.last_status.as_deref().unwrap_or("never run"),
+            d.last_duration_secs.map(|s| format!(", took {s:.1}s")).unwrap_or_default(),
+        );
+    }
+    println!("failures, last 24 h: {}", o.failures.len());
+    for run in &o.failures {
+        let e = run.error.as_ref().map(|e| format!("{}: {}", e.kind, e.message)).unwrap_or_default();
+        println!("  {} {} {}", run.id, run.enqueued_at.format("%Y-%m-%d %H:%M:%S"), e);
+    }
+    Ok(())
 }
 
 pub async fn stats(settings: &Settings, hours: u32, json: bool) -> anyhow::Result<()> {

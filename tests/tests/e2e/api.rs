@@ -93,6 +93,26 @@ impl Api {
     }
 }
 
+/// Runs `syncfleet-producer <args>` and returns its standard output; it must exit 0.
+async fn cli_text(env: &TestEnv, args: &[&str]) -> String {
+    let mut cmd = env.producer_command(args).expect("command");
+    cmd.stdout(std::process::Stdio::piped());
+    let out =
+        tokio::time::timeout(Duration::from_secs(180), cmd.output()).await.expect("in time").expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{args:?} exited {:?}: {stdout}\n{}", out.status, env.log_tail());
+    stdout
+}
+
+/// The JSON documents `syncfleet-producer <args>` prints (one pretty document, or JSON lines).
+async fn cli_json(env: &TestEnv, args: &[&str]) -> Vec<Value> {
+    let stdout = cli_text(env, args).await;
+    serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .map(|v| v.expect("JSON output"))
+        .collect()
+}
+
 fn assert_field(resp: &(u16, Value), field: &str, what: &str) {
     assert_eq!(resp.0, 400, "{what}: {}", resp.1);
     assert_eq!(resp.1["error"]["code"], "bad_request", "{what}: {}", resp.1);
@@ -350,6 +370,29 @@ async fn the_api_authenticates_validates_and_runs_a_job_whose_status_matches_syn
     assert_eq!(status, 200, "{overview}");
     assert_eq!(overview["queue"]["consumers"].as_u64(), Some(1), "{overview}");
     assert_eq!(overview["integrations"][0]["slug"], "acme");
+
+    // The CLI twins answer what the API answers.
+    let shown = cli_json(&env, &["runs", "show", &job_id, "--json"]).await;
+    assert_eq!(shown.len(), 1);
+    let (_, by_api) = api.get(&format!("/v1/jobs/{job_id}")).await;
+    assert_eq!(shown[0]["counters"], by_api["counters"]);
+    assert_eq!(shown[0]["status"], by_api["status"]);
+    let listed = cli_json(&env, &["runs", "list", "--database", &db.to_string(), "--json"]).await;
+    assert_eq!(listed[0]["runs"].as_array().expect("runs").len() as i64, total);
+    let cli_overview = cli_json(&env, &["overview", "--json"]).await;
+    assert_eq!(cli_overview[0]["databases"], overview["databases"]);
+    assert_eq!(cli_overview[0]["integrations"][0]["slug"], "acme");
+    let text = cli_text(&env, &["overview"]).await;
+    assert!(text.contains("Projects 1") && text.contains("acme:"), "{text}");
+    // `runs watch --json` on a running job: one JSON object per line, the last one final.
+    let (_, live) = api.post("/v1/jobs", json!({"database": db, "mode": "full"})).await;
+    let live = live["job_id"].as_str().expect("id").to_string();
+    let states = cli_json(&env, &["runs", "watch", &live, "--json", "--timeout-secs", "120"]).await;
+    let last = states.last().expect("states");
+    assert_eq!((last["id"].clone(), last["status"].clone()), (json!(live), json!("succeeded")), "{states:?}");
+    assert!(states[..states.len() - 1].iter().all(|s| s["is_final"] == json!(false)));
+    let seqs: Vec<i64> = states.iter().filter_map(|s| s["seq"].as_i64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "states in order: {seqs:?}");
 
     // No token reached the log.
     let log = env.log();
