@@ -53,6 +53,9 @@ pub enum Command {
     },
     /// Print the OpenAPI document of the HTTP API.
     Openapi,
+    /// The Notion webhook subscription (`POST /v1/notion/webhook`).
+    #[command(subcommand)]
+    Webhook(crate::commands::webhook::WebhookCommand),
     /// Run history and live progress (the API's `/v1/runs`, `/v1/jobs/{id}` and events).
     #[command(subcommand)]
     Runs(crate::commands::runs::RunsCommand),
@@ -191,5 +194,6 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
         Command::Runs(command) => commands::runs::run(&settings, command).await,
         Command::Stats { hours, json } => commands::runs::stats(&settings, hours, json).await,
         Command::Overview { json } => commands::runs::overview(&settings, json).await,
+        Command::Webhook(command) => commands::webhook::run(&settings, command).await,
     }
 }

@@ -360,11 +360,23 @@ pub struct ApiSettings {
     pub token_file: Option<std::path::PathBuf>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Notion webhooks: a database's job is published once no event about it came for this long…
+    pub webhook_quiet_ms: u64,
+    /// …or this long after the first event it has not yet served, whichever is first (an edit
+    /// storm costs one run every this-many seconds at most, plus one follow-up).
+    pub webhook_max_wait_secs: u64,
 }
 
 impl Default for ApiSettings {
     fn default() -> Self {
-        Self { addr: None, tokens: Vec::new(), token_file: None, max_body_bytes: 64 * 1024 }
+        Self {
+            addr: None,
+            tokens: Vec::new(),
+            token_file: None,
+            max_body_bytes: 64 * 1024,
+            webhook_quiet_ms: 1_000,
+            webhook_max_wait_secs: 15,
+        }
     }
 }
 
@@ -441,6 +453,18 @@ impl Settings {
 
     /// Checks values that parse but make no sense, so a bad deployment fails at start.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api.webhook_quiet_ms > 60_000 {
+            return Err(ConfigError::Invalid {
+                key: "api.webhook_quiet_ms",
+                reason: "must be at most 60000".into(),
+            });
+        }
+        if !(1..=3600).contains(&self.api.webhook_max_wait_secs) {
+            return Err(ConfigError::Invalid {
+                key: "api.webhook_max_wait_secs",
+                reason: "must be between 1 and 3600".into(),
+            });
+        }
         if self.worker.concurrency == 0 || self.worker.concurrency > 512 {
             return Err(ConfigError::Invalid {
                 key: "worker.concurrency",

@@ -20,5 +20,6 @@ pub mod retry;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 pub use config::{ConfigError, Settings};

@@ -64,6 +64,18 @@ pub const STATUS_CLASSES: [&str; 5] = ["2xx", "4xx", "429", "5xx", "error"];
 /// `syncfleet_notifications_total{outcome}`.
 pub const NOTIFICATION_OUTCOMES: [&str; 4] = ["sent", "deduplicated", "rate_limited", "failed"];
 
+/// `syncfleet_webhook_events_total{outcome}`.
+pub const WEBHOOK_OUTCOMES: [&str; 8] = [
+    "verification_token_stored",
+    "enqueued",
+    "coalesced",
+    "follow_up_requested",
+    "disabled",
+    "duplicate",
+    "ignored",
+    "bad_signature",
+];
+
 /// `syncfleet_pages_total{change}`.
 pub const CHANGES: [&str; 5] = ["created", "updated", "unchanged", "deleted", "invalid"];
 
@@ -112,6 +124,7 @@ pub struct Metrics {
     pub notify_queue_usage: Gauge,
     /// Server-Sent Event streams open on this producer.
     pub sse_clients: IntGauge,
+    pub webhook_events: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -287,6 +300,11 @@ impl Metrics {
                 "syncfleet_api_sse_clients",
                 "Server-Sent Event streams of run progress open on this producer.",
             ),
+            webhook_events: counter_vec(
+                "syncfleet_webhook_events_total",
+                "Notion webhook deliveries, by outcome: enqueued, coalesced, follow_up_requested, disabled, duplicate, ignored, bad_signature, verification_token_stored.",
+                &["outcome"],
+            ),
             build_info: int_gauge_vec(
                 "syncfleet_build_info",
                 "Always 1; the labels name the running build.",
@@ -316,6 +334,8 @@ impl Metrics {
                 Box::new(self.scheduler_last_tick.clone()),
                 Box::new(self.notify_queue_usage.clone()),
                 Box::new(self.sse_clients.clone()),
+                Box::new(self.webhook_events.clone()),
+                Box::new(self.notifications.clone()),
                 Box::new(self.runs_reaped.clone()),
                 Box::new(self.amqp_reconnects.clone()),
             ],
@@ -348,6 +368,11 @@ impl Metrics {
         self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), build_revision()]).set(1);
         for outcome in NOTIFICATION_OUTCOMES {
             self.notifications.with_label_values(&[outcome]).inc_by(0);
+        }
+        if self.role == Role::Producer {
+            for outcome in WEBHOOK_OUTCOMES {
+                self.webhook_events.with_label_values(&[outcome]);
+            }
         }
         for outcome in Outcome::ALL {
             self.jobs_processed.with_label_values(&[outcome.as_str()]);
@@ -394,6 +419,11 @@ impl Metrics {
         if class == "429" {
             self.notion_rate_limited.with_label_values(&[integration]).inc();
         }
+    }
+
+    /// `syncfleet_webhook_events_total{outcome}`.
+    pub fn webhook_event(&self, outcome: &str) {
+        self.webhook_events.with_label_values(&[outcome]).inc();
     }
 
     /// `syncfleet_notifications_total{outcome}`.

@@ -93,6 +93,9 @@ pub fn advice_for(kind: &str) -> &'static str {
         "database_busy" => {
             "Another sync of this database was running; the running sync does one more pass for this request. Nothing to do."
         }
+        "notion_data_source_deleted" => {
+            "Notion announced (by webhook) that this database's data source was deleted; syncfleet disabled the database and keeps its mirrored rows. Restore it in Notion and re-enable it (`database update --enable`), or remove it."
+        }
         "abandoned" | "worker_lost" => {
             "The worker running this job stopped; the job is redelivered and resumes from its checkpoint."
         }

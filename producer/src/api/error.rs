@@ -56,6 +56,15 @@ impl ApiError {
         }
     }
 
+    /// 401 with a specific reason (a webhook's signature, say).
+    pub fn unauthorized_with(message: impl Into<String>) -> Self {
+        Self { message: message.into(), ..Self::unauthorized() }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::CONFLICT, code: "conflict", message: message.into(), field: None }
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -17,6 +17,7 @@ mod events;
 pub mod model;
 mod page;
 pub mod routes;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub hub: Hub,
     pub metrics: Arc<syncfleet_shared::metrics::Metrics>,
     tokens: Arc<auth::Tokens>,
+    pub webhook: Arc<webhook::WebhookState>,
+    pub notifier: syncfleet_shared::notify::Notifier,
     /// The last `/v1/overview` answer and when it was computed (see `routes::OVERVIEW_TTL`).
     overview: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, axum::body::Bytes)>>>,
 }
@@ -56,7 +59,7 @@ pub struct AppState {
     ),
     modifiers(&BearerScheme),
     security(("bearer" = [])),
-    tags((name = "jobs"), (name = "databases"), (name = "runs"), (name = "status"))
+    tags((name = "jobs"), (name = "databases"), (name = "runs"), (name = "status"), (name = "webhooks"))
 )]
 struct ApiDoc;
 
@@ -75,9 +78,15 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::get_overview))
 }
 
+/// Routes whose callers cannot hold a bearer token (Notion signs its webhook deliveries).
+fn public_routes() -> OpenApiRouter<AppState> {
+    use utoipa_axum::routes;
+    OpenApiRouter::new().routes(routes!(webhook::receive))
+}
+
 /// The OpenAPI document as served at `/openapi.json` (and committed as `docs/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    api_routes().merge(public_routes()).split_for_parts().1
 }
 
 /// Paths served outside the document: the status page and the document itself.
@@ -86,11 +95,14 @@ pub const UNDOCUMENTED_PATHS: [&str; 2] = ["/", "/openapi.json"];
 /// The whole application: the documented API behind the token check, plus the page and the
 /// document.
 pub fn app(state: AppState) -> Router {
-    let (api, doc) = api_routes().split_for_parts();
+    let (api, mut doc) = api_routes().split_for_parts();
+    let (public, public_doc) = public_routes().split_for_parts();
+    doc.merge(public_doc);
     let doc = Arc::new(doc);
     let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(api)
+        .merge(public)
         .route("/", axum::routing::get(page::index))
         .route(
             "/openapi.json",
@@ -121,6 +133,22 @@ pub async fn serve(
         );
     }
     let hub = Hub::start(&settings.database.url, db.clone(), stop.clone()).await?;
+    let webhook_state = Arc::new(webhook::WebhookState::default());
+    let debouncer = webhook::Debouncer {
+        db: db.clone(),
+        publisher: publisher.clone(),
+        state: webhook_state.clone(),
+        quiet: std::time::Duration::from_millis(settings.api.webhook_quiet_ms),
+        max_wait: std::time::Duration::from_secs(settings.api.webhook_max_wait_secs),
+    };
+    tokio::spawn(debouncer.run(stop.clone()));
+    let notifier = syncfleet_shared::notify::Notifier::new(
+        &settings.notify,
+        db.clone(),
+        redis.clone(),
+        &settings.redis.key_prefix,
+        metrics.clone(),
+    );
     let state = AppState {
         settings: Arc::new(settings.clone()),
         db,
@@ -129,6 +157,8 @@ pub async fn serve(
         hub,
         metrics,
         tokens: Arc::new(tokens),
+        webhook: webhook_state.clone(),
+        notifier,
         overview: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind(addr)

@@ -7,3 +7,4 @@ pub mod migrate;
 pub mod runs;
 pub mod serve;
 pub mod status;
+pub mod webhook;

@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_confirmations::Migration),
             Box::new(m20261124_000005_control_plane::Migration),
             Box::new(m20261124_000006_attempt_markers::Migration),
+            Box::new(m20261124_000007_notion_webhooks::Migration),
         ]
     }
 }
@@ -429,6 +430,56 @@ CREATE UNLOGGED TABLE IF NOT EXISTS sync_attempt_markers (
 "#;
 
     const DOWN: &str = "DROP TABLE IF EXISTS sync_attempt_markers;";
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for Migration {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
+        }
+
+        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
+        }
+    }
+}
+
+/// Notion webhooks: the subscription's verification token (encrypted like integration tokens;
+/// one subscription per deployment), and the event ids already handled, so a replayed delivery
+/// is ignored.
+mod m20261124_000007_notion_webhooks {
+    use sea_orm_migration::prelude::*;
+
+    pub struct Migration;
+
+    impl MigrationName for Migration {
+        fn name(&self) -> &str {
+            "m20261124_000007_notion_webhooks"
+        }
+    }
+
+    const UP: &str = r#"
+CREATE TABLE IF NOT EXISTS notion_webhook_subscription (
+    id              smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    token_encrypted bytea NOT NULL,
+    received_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS notion_webhook_events (
+    event_id    text PRIMARY KEY,
+    event_type  text NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS notion_webhook_events_received ON notion_webhook_events (received_at);
+-- Databases with events not yet served by a job (the debounce): upserted by each event,
+-- deleted in the transaction that serves them.
+CREATE TABLE IF NOT EXISTS notion_webhook_pending (
+    database_id uuid PRIMARY KEY REFERENCES notion_databases (id) ON DELETE CASCADE,
+    first_at    timestamptz NOT NULL DEFAULT now(),
+    last_at     timestamptz NOT NULL DEFAULT now()
+);
+"#;
+
+    const DOWN: &str = "DROP TABLE IF EXISTS notion_webhook_pending; DROP TABLE IF EXISTS notion_webhook_events; \
+        DROP TABLE IF EXISTS notion_webhook_subscription;";
 
     #[async_trait::async_trait]
     impl MigrationTrait for Migration {

@@ -50,6 +50,15 @@ pub fn handle(state: &SimState, method: &Method, path: &str, query: Option<&str>
         ("GET", "info") => Ok(info(state)),
         ("GET", "export") => export(state, query),
         ("POST", "mutate") => body(bytes).and_then(|m| mutate(state, m)),
+        ("POST", "webhooks") => body::<WebhookConfig>(bytes).map(|c| {
+            let token = c.token.unwrap_or_else(|| format!("secret_sim_{}", Uuid::new_v4().simple()));
+            state.set_webhook(c.url, token.clone());
+            ok(json!({"verification_token": token}))
+        }),
+        ("GET", "webhooks") => Ok(match state.webhook_counts() {
+            Some((sent, failed)) => ok(json!({"sent": sent, "failed": failed})),
+            None => ok(json!({"sent": 0, "failed": 0, "configured": false})),
+        }),
         ("POST", "schema") => body(bytes).and_then(|c| change_schema(state, c)),
         ("POST", "faults") => body::<Fault>(bytes).map(|f| {
             state.push_fault(f);
@@ -334,6 +343,14 @@ fn change_schema(state: &SimState, c: SchemaChange) -> Result<Response, AdminErr
     Ok(ok(json!({"added": added, "properties": db.schema.len()})))
 }
 
+/// `POST /_sim/webhooks`: announce page changes to `url`, signed with `token` (a new random
+/// one when absent, returned as `verification_token`).
+#[derive(Deserialize)]
+struct WebhookConfig {
+    url: String,
+    token: Option<String>,
+}
+
 #[derive(Deserialize, Default)]
 struct Mutation {
     database_id: Option<Uuid>,
@@ -447,5 +464,14 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     for id in new_index {
         ws.page_index.insert(id, d);
     }
+    let (database, data_source) = (ws.databases[d].id, ws.databases[d].data_source_id);
+    let author = users.first().copied().unwrap_or_default();
+    drop(ws);
+    let event = |kind, page| super::webhook::page_event(kind, page, database, data_source, author);
+    let mut events: Vec<Value> = created.iter().map(|p| event("page.created", *p)).collect();
+    events.extend(edited.iter().map(|p| event("page.properties_updated", *p)));
+    events.extend(trashed.iter().map(|p| event("page.deleted", *p)));
+    events.extend(restored.iter().map(|p| event("page.undeleted", *p)));
+    state.announce(events);
     Ok(ok(json!({"edited": edited, "created": created, "trashed": trashed, "restored": restored})))
 }

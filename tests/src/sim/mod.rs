@@ -13,5 +13,6 @@ pub mod data;
 mod limits;
 pub mod query;
 mod server;
+pub mod webhook;
 
 pub use server::{SimConfig, SimServer, SimState};

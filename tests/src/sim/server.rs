@@ -147,6 +147,8 @@ pub struct SimState {
     revoked: Mutex<Vec<usize>>,
     /// Database and data source ids unshared by `/_sim/unshare`: answered 404 from then on.
     unshared: Mutex<Vec<String>>,
+    /// Where page changes are announced (`/_sim/webhooks`).
+    webhook: Mutex<Option<super::webhook::WebhookTarget>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,6 +178,7 @@ impl SimState {
             }),
             revoked: Mutex::new(Vec::new()),
             unshared: Mutex::new(Vec::new()),
+            webhook: Mutex::new(None),
             workspace: RwLock::new(Workspace::generate(
                 config.seed,
                 config.databases,
@@ -188,6 +191,26 @@ impl SimState {
             cursors: Mutex::new(HashMap::new()),
             faults: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Sends webhook deliveries to `url` from now on (the verification request first).
+    pub fn set_webhook(&self, url: String, token: String) {
+        *lock(&self.webhook) = Some(super::webhook::WebhookTarget::start(url, token));
+    }
+
+    /// Announces `events` to the configured receiver, if any.
+    pub fn announce(&self, events: Vec<serde_json::Value>) {
+        if let Some(target) = lock(&self.webhook).as_ref() {
+            events.into_iter().for_each(|e| target.send(e));
+        }
+    }
+
+    /// `(sent, failed)` webhook deliveries, if a receiver is configured.
+    pub fn webhook_counts(&self) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering;
+        lock(&self.webhook)
+            .as_ref()
+            .map(|t| (t.counts.sent.load(Ordering::Relaxed), t.counts.failed.load(Ordering::Relaxed)))
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, Workspace> {

@@ -19,6 +19,7 @@ mod semantics;
 mod shutdown;
 mod sim_conformance;
 mod startup;
+mod webhooks;
 
 /// Every wait in the suite is bounded by one of these.
 pub const SHORT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -22,8 +22,8 @@ use crate::exactness::until;
 use crate::{LONG, SHORT};
 
 #[derive(Clone, Default)]
-struct Receiver {
-    bodies: Arc<Mutex<Vec<Value>>>,
+pub struct Receiver {
+    pub bodies: Arc<Mutex<Vec<Value>>>,
     /// Answers 503 to this many requests first: a webhook that is down.
     down_for: Arc<AtomicU32>,
 }
@@ -37,7 +37,7 @@ async fn hook(State(r): State<Receiver>, body: axum::Json<Value>) -> StatusCode 
     StatusCode::OK
 }
 
-async fn start_receiver(down_for: u32) -> (Receiver, String) {
+pub async fn start_receiver(down_for: u32) -> (Receiver, String) {
     let receiver = Receiver { down_for: Arc::new(AtomicU32::new(down_for)), ..Receiver::default() };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
