@@ -211,15 +211,19 @@ async fn handle(state: &AppState, kind: &str, delivery: &NotionDelivery) -> Resu
         });
         return Ok(WebhookOutcome { database_id: Some(database), ..WebhookOutcome::new("disabled") });
     }
-    state
-        .db
-        .execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO notion_webhook_pending (database_id) VALUES ($1) \
-             ON CONFLICT (database_id) DO UPDATE SET last_at = now()",
-            [database.into()],
-        ))
-        .await?;
+    // The row may be held by a producer serving it; one that is frozen must not hold Notion's
+    // delivery for long: past the lock timeout the delivery fails (503) and Notion retries it.
+    let txn = sea_orm::TransactionTrait::begin(&state.db).await?;
+    txn.execute_unprepared("SET LOCAL lock_timeout = '3s'").await?;
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO notion_webhook_pending (database_id) VALUES ($1) \
+         ON CONFLICT (database_id) DO UPDATE SET last_at = now()",
+        [database.into()],
+    ))
+    .await
+    .map_err(|e| ApiError::unavailable(format!("the database's pending events are locked; retry ({e})")))?;
+    txn.commit().await?;
     state.webhook.wake.notify_one();
     Ok(WebhookOutcome { database_id: Some(database), ..WebhookOutcome::new("scheduled") })
 }

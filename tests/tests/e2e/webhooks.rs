@@ -122,6 +122,36 @@ async fn the_webhook_verifies_signatures_ignores_replays_and_unknown_events_and_
     let status: String = env.scalar("SELECT status FROM sync_runs").await;
     assert_eq!(status, "succeeded");
 
+    // A producer frozen while serving the database holds its pending row: a delivery then fails
+    // fast with 503 (Notion retries it) instead of hanging, and its retry is not a duplicate.
+    {
+        use sea_orm::sqlx::{Connection, Executor};
+        use secrecy::ExposeSecret;
+        let mut holder = sea_orm::sqlx::PgConnection::connect(env.settings.database.url.expose_secret())
+            .await
+            .expect("connect");
+        holder.execute("BEGIN").await.expect("begin");
+        holder
+            .execute(sea_orm::sqlx::AssertSqlSafe(format!(
+                "INSERT INTO notion_webhook_pending (database_id) VALUES ('{db}')"
+            )))
+            .await
+            .expect("hold the row");
+        let held = edit();
+        let started = Instant::now();
+        let (status, body) = signed(&api, token, &held).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(started.elapsed() < Duration::from_secs(15), "answered after {:?}", started.elapsed());
+        holder.execute("ROLLBACK").await.expect("rollback");
+        assert_eq!(signed(&api, token, &held).await.0, 202, "the retry of a failed delivery is served");
+        settle(&env, LONG).await;
+        until("the event to be served", LONG, || async {
+            env.scalar::<i64>("SELECT count(*) FROM notion_webhook_pending").await == 0
+        })
+        .await;
+        settle(&env, LONG).await;
+    }
+
     // The data source is deleted: the database is disabled and the operator told, once.
     let deleted = data_source_event("data_source.deleted", data_source, db);
     let (status, body) = signed(&api, token, &deleted).await;
