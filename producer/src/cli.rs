@@ -53,6 +53,9 @@ pub enum Command {
     },
     /// Print the OpenAPI document of the HTTP API.
     Openapi,
+    /// Every database's schedule and its next run times.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// The Notion webhook subscription (`POST /v1/notion/webhook`).
     #[command(subcommand)]
     Webhook(crate::commands::webhook::WebhookCommand),
@@ -101,6 +104,15 @@ pub enum IntegrationCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum SchedulesCommand {
+    /// Each database's schedule and its next three run times.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum DatabaseCommand {
     /// Register a Notion database: reads it and its data source from Notion and stores the schema.
     Add {
@@ -133,6 +145,9 @@ pub enum DatabaseCommand {
     /// Change a database's schedule, mapping or whether it is scheduled (the API's
     /// `PATCH /v1/databases/{id}`).
     Update(crate::commands::runs::UpdateArgs),
+    /// Schedule a database by cron expression (with a time zone and jitter) or interval, or
+    /// turn its schedule off.
+    Schedule(crate::commands::schedules::ScheduleArgs),
     /// Set how one property appears in the database's typed view, and how its values are
     /// validated. The next sync regenerates the view. Without options it prints the mapping.
     Map(MapArgs),
@@ -176,6 +191,12 @@ async fn dispatch(command: Command, mut settings: Settings) -> anyhow::Result<()
             commands::runs::update_database(&settings, &args).await
         }
         Command::Database(DatabaseCommand::Map(args)) => commands::database::map(&settings, &args).await,
+        Command::Database(DatabaseCommand::Schedule(args)) => {
+            commands::schedules::set(&settings, &args).await
+        }
+        Command::Schedules(SchedulesCommand::List { json }) => {
+            commands::schedules::list(&settings, json).await
+        }
         Command::Enqueue(args) => commands::enqueue::run(&settings, &args).await,
         Command::Serve { metrics_addr, api_addr } => {
             if metrics_addr.is_some() {

@@ -35,6 +35,8 @@ struct Reconnect {
 struct State {
     connected: Option<Connected>,
     reconnect: Option<Reconnect>,
+    /// Bumped with every new connection, so a failed publish discards only its own.
+    generation: u64,
 }
 
 /// A publisher that keeps its RabbitMQ connection alive.
@@ -65,19 +67,19 @@ impl JobPublisher {
         let queue = Topology::new(&settings.amqp).jobs_queue();
         Ok(Self {
             settings: settings.amqp.clone(),
-            state: Mutex::new(State { connected: Some(connected), reconnect: None }),
+            state: Mutex::new(State { connected: Some(connected), reconnect: None, generation: 0 }),
             queue,
             metrics,
         })
     }
 
     /// The current publisher, reconnecting when the connection is gone and the backoff allows.
-    async fn publisher(&self) -> Result<Publisher, AmqpError> {
+    async fn publisher(&self) -> Result<(Publisher, u64), AmqpError> {
         let mut state = self.state.lock().await;
         if let Some(c) = &state.connected
             && c.connection.status().connected()
         {
-            return Ok(c.publisher.clone());
+            return Ok((c.publisher.clone(), state.generation));
         }
         state.connected = None;
         if let Some(r) = &state.reconnect
@@ -93,7 +95,8 @@ impl JobPublisher {
                 let publisher = c.publisher.clone();
                 state.connected = Some(c);
                 state.reconnect = None;
-                Ok(publisher)
+                state.generation += 1;
+                Ok((publisher, state.generation))
             }
             Err(e) => {
                 let r = state.reconnect.get_or_insert_with(|| Reconnect {
@@ -114,6 +117,9 @@ impl JobPublisher {
     /// The work queue's ready messages and consumers (a passive declare on a channel of its
     /// own, so a failure cannot close the publishing channel).
     pub async fn queue_depth(&self) -> Result<(u32, u32), AmqpError> {
+        // Bounded: a wedged broker must not hold the publishing lock (or a status page) long.
+        let limit = Duration::from_secs(2);
+        let slow = || AmqpError::Unavailable(format!("RabbitMQ did not answer within {limit:?}"));
         let channel = {
             let state = self.state.lock().await;
             let c = state
@@ -121,19 +127,22 @@ impl JobPublisher {
                 .as_ref()
                 .filter(|c| c.connection.status().connected())
                 .ok_or_else(|| AmqpError::Unavailable("not connected to RabbitMQ".into()))?;
-            c.connection
-                .create_channel()
+            tokio::time::timeout(limit, c.connection.create_channel())
                 .await
+                .map_err(|_| slow())?
                 .map_err(|source| AmqpError::Protocol { op: "channel.open", source })?
         };
-        let declared = channel
-            .queue_declare(
+        let declared = tokio::time::timeout(
+            limit,
+            channel.queue_declare(
                 self.queue.as_str().into(),
                 lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
                 lapin::types::FieldTable::default(),
-            )
-            .await
-            .map_err(|source| AmqpError::Protocol { op: "queue.declare", source });
+            ),
+        )
+        .await
+        .map_err(|_| slow())
+        .and_then(|r| r.map_err(|source| AmqpError::Protocol { op: "queue.declare", source }));
         if let Err(e) = channel.close(200, "done".into()).await {
             tracing::debug!(error = %e, "Closing the queue-depth channel failed.");
         }
@@ -141,21 +150,28 @@ impl JobPublisher {
         Ok((q.message_count(), q.consumer_count()))
     }
 
-    /// Drops the connection after a failure on it, so the next publish reconnects.
-    async fn discard(&self) {
-        // Taken out under the lock, closed outside it: a wedged broker (the reason for most
-        // discards) may never answer the close, and neither this publish nor the next may wait
-        // on it longer than a confirm.
-        let taken = self.state.lock().await.connected.take();
+    /// Drops connection `generation` after a failure on it, so the next publish reconnects (a
+    /// newer connection, opened meanwhile by another publish, is left alone).
+    async fn discard(&self, generation: u64) {
+        let taken = {
+            let mut state = self.state.lock().await;
+            if state.generation == generation { state.connected.take() } else { None }
+        };
+        // Closed in the background: a wedged broker (the reason for most discards) may never
+        // answer the close, and the failing publish answers its caller now.
         if let Some(c) = taken {
             let limit = Duration::from_secs(self.settings.confirm_timeout_secs.max(1));
-            match tokio::time::timeout(limit, c.connection.close(200, "reconnecting".into())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "Closing the failed RabbitMQ connection failed."),
-                Err(_) => {
-                    tracing::warn!("RabbitMQ did not answer the close of a failed connection; dropped it.")
+            tokio::spawn(async move {
+                match tokio::time::timeout(limit, c.connection.close(200, "reconnecting".into())).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "Closing the failed RabbitMQ connection failed.")
+                    }
+                    Err(_) => tracing::warn!(
+                        "RabbitMQ did not answer the close of a failed connection; dropped it."
+                    ),
                 }
-            }
+            });
         }
     }
 
@@ -166,7 +182,28 @@ impl JobPublisher {
         source: &str,
         data: SyncDatabaseJob,
     ) -> Result<JobEnvelope, PublishError> {
-        let job = JobEnvelope::new(source, data);
+        self.publish_job(db, JobEnvelope::new(source, data)).await
+    }
+
+    /// As [`publish`](Self::publish), with a job id chosen by the caller: publishing the same
+    /// id again (a scheduled occurrence, say) is the same run, which workers run once.
+    pub async fn publish_as(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        source: &str,
+        data: SyncDatabaseJob,
+        id: uuid::Uuid,
+    ) -> Result<JobEnvelope, PublishError> {
+        let mut job = JobEnvelope::new(source, data);
+        job.id = id;
+        self.publish_job(db, job).await
+    }
+
+    async fn publish_job(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        job: JobEnvelope,
+    ) -> Result<JobEnvelope, PublishError> {
         let span = tracing::info_span!(
             "publish syncfleet.jobs",
             otel.kind = "producer",
@@ -192,7 +229,8 @@ impl JobPublisher {
         span: tracing::Span,
     ) -> Result<JobEnvelope, PublishError> {
         // No broker, no row: a job that cannot be sent leaves nothing behind to pile up.
-        let publisher = self.publisher().await.map_err(|e| PublishError::Rejected(e.to_string()))?;
+        let (publisher, generation) =
+            self.publisher().await.map_err(|e| PublishError::Rejected(e.to_string()))?;
         runs::insert_queued(db, &job).await?;
         let meta = PublishMeta {
             attempt: 1,
@@ -215,7 +253,7 @@ impl JobPublisher {
                 | AmqpError::ConnectTimeout { .. }
         );
         if !definite {
-            self.discard().await;
+            self.discard(generation).await;
         }
         let (change, failure) = if definite {
             (

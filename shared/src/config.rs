@@ -309,6 +309,9 @@ pub struct SchedulerSettings {
     /// The reaper (leader only) moves a `running` run without a heartbeat for this long to
     /// `abandoned`, so its database is scheduled again.
     pub reap_running_after_secs: u64,
+    /// Cron schedules: occurrences missed (downtime, a run still active) within this long are
+    /// served by one catch-up run; older ones are dropped.
+    pub misfire_grace_secs: u64,
 }
 
 impl Default for SchedulerSettings {
@@ -320,6 +323,7 @@ impl Default for SchedulerSettings {
             failure_backoff_secs: 60,
             failure_backoff_max_secs: 6 * 3600,
             reap_running_after_secs: 180,
+            misfire_grace_secs: 3600,
         }
     }
 }

@@ -61,6 +61,10 @@ impl ApiError {
         Self { message: message.into(), ..Self::unauthorized() }
     }
 
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::FORBIDDEN, code: "forbidden", message: message.into(), field: None }
+    }
+
     pub fn conflict(message: impl Into<String>) -> Self {
         Self { status: StatusCode::CONFLICT, code: "conflict", message: message.into(), field: None }
     }

@@ -1,22 +1,28 @@
 //! `POST /v1/notion/webhook`: Notion's change events, turned into sync jobs within seconds.
 //!
-//! - The first delivery of a new subscription is `{"verification_token": "…"}`. The token is
-//!   stored (encrypted like integration tokens) and logged once, masked; the operator pastes it
-//!   into Notion to verify the subscription. A second, different token is refused (409) until
-//!   `syncfleet-producer webhook reset`, so nobody can replace the key of a working subscription.
+//! - The first delivery of a new subscription is `{"verification_token": "…"}`. It is accepted
+//!   only while an operator has armed the endpoint (`syncfleet-producer webhook arm`, a window
+//!   of minutes; 403 otherwise), so nobody else can be first to plant a key. The token is stored
+//!   (encrypted like integration tokens) and logged once, masked; `webhook status --reveal`
+//!   prints it for pasting into Notion's verification form. A second, different token is
+//!   refused (409) until `webhook reset`.
 //! - Every other delivery must carry `X-Notion-Signature: sha256=<HMAC-SHA256(token, raw body)>`,
 //!   checked in constant time (401 otherwise).
-//! - An event id already handled is acknowledged and ignored (Notion retries deliveries).
+//! - An event id already handled is acknowledged and ignored (Notion retries deliveries). The
+//!   id is recorded in the same transaction as what the event causes, so a delivery that fails
+//!   half-way (503, Notion retries) was never recorded, and a concurrent retry waits for it.
 //! - Page events and schema changes of a mirrored database are debounced durably: each event
-//!   upserts the database's row in `notion_webhook_pending`, and the [`Debouncer`] (in every
-//!   producer serving the API; rows are claimed with `FOR UPDATE SKIP LOCKED`) serves a
-//!   database once no event came for `api.webhook_quiet_ms`, or `api.webhook_max_wait_secs`
-//!   after its first unserved event. Serving it costs nothing when a run of it is queued (that
-//!   run starts after the events), requests one follow-up when one is running
-//!   (`notion_databases.rerun_mode`), and publishes one incremental job otherwise. The claim and
-//!   the publish share a transaction, so a producer that dies in between leaves the events
-//!   pending for the next one. A storm of edits therefore costs one run per max-wait period at
-//!   most, plus one follow-up. A deleted data source disables its database and notifies.
+//!   upserts the database's row in `notion_webhook_pending` (in mode `full` when a page was
+//!   deleted or moved, which only full runs find), and the [`Debouncer`] (in every producer
+//!   serving the API) serves a database once no event came for `api.webhook_quiet_ms`, or
+//!   `api.webhook_max_wait_secs` after its first unserved event. Serving claims the row for a
+//!   while (`claimed_until`, in a short transaction), then, with no transaction open: when a
+//!   run of the database is queued or running, records a rerun request
+//!   (`notion_databases.rerun_mode`: a run that has not started takes it, a running one serves
+//!   it when it ends), else publishes one job. The row is deleted only up to the events it saw;
+//!   a producer that dies while serving leaves it to be claimed again when the claim expires. A
+//!   storm of edits therefore costs one run per max-wait period at most, plus one follow-up. A
+//!   deleted data source disables its database and notifies.
 //! - Unknown event types, and events about pages outside mirrored databases, are acknowledged and
 //!   ignored.
 
@@ -51,10 +57,16 @@ const PAGE_EVENTS: [&str; 6] = [
 ];
 /// Schema changes: the next run re-reads the schema (every run does, first).
 const SCHEMA_EVENTS: [&str; 2] = ["data_source.schema_updated", "database.schema_updated"];
+/// Page events that only a full run mirrors (the page left the data source's query).
+const FULL_EVENTS: [&str; 2] = ["page.deleted", "page.moved"];
 /// The mirrored data source is gone.
 const DELETE_EVENTS: [&str; 2] = ["data_source.deleted", "database.deleted"];
 /// Handled event ids are kept this long (Notion retries for about a day).
 const KEEP_EVENT_IDS: &str = "7 days";
+/// How long a producer keeps a claim on a pending row while it serves it.
+const CLAIM_SECS: f64 = 120.0;
+/// Pending rows served per pass.
+const CLAIM_BATCH: i64 = 10;
 /// How long a producer trusts the token it read (`webhook reset` takes effect within this).
 const TOKEN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -116,6 +128,7 @@ impl WebhookOutcome {
         (status = 202, description = "A run of the database is scheduled for when the events pause", body = WebhookOutcome),
         (status = 400, description = "Not JSON, or a field is wrong", body = ErrorBody),
         (status = 401, description = "No or a wrong signature, or no verification token stored yet", body = ErrorBody),
+        (status = 403, description = "A verification request while the endpoint is not armed (`webhook arm`)", body = ErrorBody),
         (status = 409, description = "A different verification token is already stored", body = ErrorBody),
         (status = 503, description = "PostgreSQL or RabbitMQ is unavailable; Notion retries", body = ErrorBody),
     ))]
@@ -129,7 +142,9 @@ pub async fn receive(
     if delivery.kind.is_none()
         && let Some(token) = &delivery.verification_token
     {
-        return store_verification_token(&state, token).await.map(|o| (StatusCode::OK, Json(o)));
+        let outcome = store_verification_token(&state, token).await?;
+        state.metrics.webhook_event(outcome.status);
+        return Ok((StatusCode::OK, Json(outcome)));
     }
     let token = verification_token(&state).await?.ok_or_else(|| {
         ApiError::unauthorized_with(
@@ -148,27 +163,56 @@ pub async fn receive(
     let id =
         id.ok_or_else(|| ApiError::bad_request("id", "id: an event needs an id of 1 to 200 characters"))?;
     let kind = delivery.kind.as_deref().unwrap_or_default();
-    if !claim(&state.db, id, kind).await? {
-        state.metrics.webhook_event("duplicate");
-        return Ok((StatusCode::OK, Json(WebhookOutcome::new("duplicate"))));
-    }
-    let handled = handle(&state, kind, &delivery).await;
-    // A delivery that could not be handled is given back: Notion retries it, and the retry must
-    // not be taken for a duplicate.
-    if handled.is_err()
-        && let Err(e) = release(&state.db, id).await
-    {
-        tracing::error!(error = %e, event = %id, "Could not release a webhook event that failed; its retry will be ignored.");
-    }
-    let outcome = handled?;
+    // Anything that fails from here is a 503: nothing was recorded, and Notion retries.
+    let outcome = record(&state, id, kind, &delivery)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the event could not be recorded; retry ({e})")))?;
     state.metrics.webhook_event(outcome.status);
     tracing::info!(event = %id, kind = %kind, status = outcome.status, database = ?outcome.database_id,
         "Notion webhook event handled.");
+    if outcome.status == "disabled"
+        && let Some(database) = outcome.database_id
+    {
+        tracing::warn!(database = %database, "Notion deleted the data source of a mirrored database; it is disabled.");
+        state.notifier.notify(Notice {
+            subject: database.to_string(),
+            kind: "notion_data_source_deleted",
+            database: Some(database.to_string()),
+            integration: None,
+            error: format!("Notion reported {kind} for database {database}"),
+        });
+    }
+    if outcome.status == "scheduled" {
+        state.webhook.wake.notify_one();
+    }
     let code = if outcome.status == "scheduled" { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((code, Json(outcome)))
 }
 
-async fn handle(state: &AppState, kind: &str, delivery: &NotionDelivery) -> Result<WebhookOutcome, ApiError> {
+/// Records the event id and what the event causes, in one transaction.
+async fn record(
+    state: &AppState,
+    id: &str,
+    kind: &str,
+    delivery: &NotionDelivery,
+) -> Result<WebhookOutcome, sea_orm::DbErr> {
+    use sea_orm::TransactionTrait;
+    let txn = state.db.begin().await?;
+    // A producer serving the same rows holds them only for a moment; past this the delivery
+    // fails (503) rather than hanging Notion's request.
+    txn.execute_unprepared("SET LOCAL lock_timeout = '3s'").await?;
+    // A concurrent delivery of the same id waits here until this one commits or rolls back.
+    let claimed = txn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO notion_webhook_events (event_id, event_type) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [id.into(), kind.chars().take(100).collect::<String>().into()],
+        ))
+        .await?;
+    if claimed.rows_affected() == 0 {
+        txn.commit().await?;
+        return Ok(WebhookOutcome::new("duplicate"));
+    }
     let data = delivery.data.as_ref();
     let entity = delivery.entity.as_ref();
     let parent = data.and_then(|d| d.get("parent"));
@@ -185,47 +229,37 @@ async fn handle(state: &AppState, kind: &str, delivery: &NotionDelivery) -> Resu
         }
         ids
     } else {
+        txn.commit().await?;
         return Ok(WebhookOutcome::ignored(format!("event type {kind:?} does not change a mirror")));
     };
     let ids: Vec<Uuid> =
         candidates.iter().filter_map(|v| v.as_str()).filter_map(|s| Uuid::parse_str(s).ok()).collect();
-    let Some((database, integration)) = mirrored_database(&state.db, &ids).await? else {
+    let Some(database) = mirrored_database(&txn, &ids).await? else {
+        txn.commit().await?;
         return Ok(WebhookOutcome::ignored("not about a mirrored database"));
     };
+    let with = |status| WebhookOutcome { database_id: Some(database), ..WebhookOutcome::new(status) };
     if DELETE_EVENTS.contains(&kind) {
-        state
-            .db
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "UPDATE notion_databases SET enabled = false, updated_at = now() WHERE id = $1",
-                [database.into()],
-            ))
-            .await?;
-        tracing::warn!(database = %database, "Notion deleted the data source of a mirrored database; it is disabled.");
-        state.notifier.notify(Notice {
-            subject: database.to_string(),
-            kind: "notion_data_source_deleted",
-            database: Some(database.to_string()),
-            integration: Some(integration),
-            error: format!("Notion reported {kind} for database {database}"),
-        });
-        return Ok(WebhookOutcome { database_id: Some(database), ..WebhookOutcome::new("disabled") });
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE notion_databases SET enabled = false, updated_at = now() WHERE id = $1",
+            [database.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        return Ok(with("disabled"));
     }
-    // The row may be held by a producer serving it; one that is frozen must not hold Notion's
-    // delivery for long: past the lock timeout the delivery fails (503) and Notion retries it.
-    let txn = sea_orm::TransactionTrait::begin(&state.db).await?;
-    txn.execute_unprepared("SET LOCAL lock_timeout = '3s'").await?;
+    let mode = if FULL_EVENTS.contains(&kind) { SyncMode::Full } else { SyncMode::Incremental };
     txn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "INSERT INTO notion_webhook_pending (database_id) VALUES ($1) \
-         ON CONFLICT (database_id) DO UPDATE SET last_at = now()",
-        [database.into()],
+        "INSERT INTO notion_webhook_pending AS p (database_id, mode) VALUES ($1, $2) \
+         ON CONFLICT (database_id) DO UPDATE SET last_at = now(), \
+             mode = CASE WHEN p.mode = 'full' OR EXCLUDED.mode = 'full' THEN 'full' ELSE 'incremental' END",
+        [database.into(), mode.as_str().into()],
     ))
-    .await
-    .map_err(|e| ApiError::unavailable(format!("the database's pending events are locked; retry ({e})")))?;
+    .await?;
     txn.commit().await?;
-    state.webhook.wake.notify_one();
-    Ok(WebhookOutcome { database_id: Some(database), ..WebhookOutcome::new("scheduled") })
+    Ok(with("scheduled"))
 }
 
 /// Serves the databases whose webhook events have paused (see the module's documentation).
@@ -269,41 +303,69 @@ impl Debouncer {
 
     /// Serves every database that is due; returns whether events are still pending.
     pub async fn flush(&self) -> Result<bool, sea_orm::DbErr> {
-        use sea_orm::TransactionTrait;
-        let txn = self.db.begin().await?;
-        let due = txn
+        // The claim is its own short transaction: nothing is locked while jobs are published.
+        let due = self
+            .db
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "SELECT p.database_id AS id, d.integration FROM notion_webhook_pending p \
-                 JOIN notion_databases d ON d.id = p.database_id \
-                 WHERE p.last_at <= now() - make_interval(secs => $1) OR p.first_at <= now() - make_interval(secs => $2) \
-                 ORDER BY p.first_at FOR UPDATE OF p SKIP LOCKED",
-                [self.quiet.as_secs_f64().into(), self.max_wait.as_secs_f64().into()],
+                "UPDATE notion_webhook_pending p SET claimed_until = now() + make_interval(secs => $3) \
+                 FROM notion_databases d \
+                 WHERE d.id = p.database_id AND p.database_id IN ( \
+                     SELECT database_id FROM notion_webhook_pending \
+                     WHERE (claimed_until IS NULL OR claimed_until < now()) \
+                       AND (last_at <= now() - make_interval(secs => $1) OR first_at <= now() - make_interval(secs => $2)) \
+                     ORDER BY first_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                 RETURNING p.database_id, p.mode, p.last_at, d.integration, d.enabled",
+                [
+                    self.quiet.as_secs_f64().into(),
+                    self.max_wait.as_secs_f64().into(),
+                    CLAIM_SECS.into(),
+                    CLAIM_BATCH.into(),
+                ],
             ))
             .await?;
-        let mut served = Vec::new();
         for row in due {
-            let database: Uuid = row.try_get("", "id")?;
-            let integration: String = row.try_get("", "integration")?;
-            match serve_database(&self.db, &self.publisher, database, integration).await {
+            let database: Uuid = row.try_get("", "database_id")?;
+            let seen: chrono::DateTime<chrono::Utc> = row.try_get("", "last_at")?;
+            let enabled: bool = row.try_get("", "enabled")?;
+            let mode: String = row.try_get("", "mode")?;
+            let mode = if mode == "full" { SyncMode::Full } else { SyncMode::Incremental };
+            let served = if enabled {
+                serve_database(&self.db, &self.publisher, database, row.try_get("", "integration")?, mode)
+                    .await
+            } else {
+                Ok("the database is disabled")
+            };
+            match &served {
                 Ok(how) => {
-                    tracing::info!(database = %database, how, "Webhook events served.");
-                    served.push(database);
+                    tracing::info!(database = %database, how, mode = mode.as_str(), "Webhook events served.");
+                    // Only the events the claim saw: later ones keep the row for the next pass.
+                    self.db
+                        .execute_raw(Statement::from_sql_and_values(
+                            DbBackend::Postgres,
+                            "DELETE FROM notion_webhook_pending WHERE database_id = $1 AND last_at <= $2",
+                            [database.into(), seen.into()],
+                        ))
+                        .await?;
                 }
-                // Left pending: the next pass tries again.
-                Err(e) => tracing::warn!(database = %database, error = %e, "Could not serve webhook events."),
+                Err(e) => {
+                    tracing::warn!(database = %database, error = %e, "Could not serve webhook events; retrying.")
+                }
             }
+            self.db
+                .execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "UPDATE notion_webhook_pending SET claimed_until = NULL WHERE database_id = $1",
+                    [database.into()],
+                ))
+                .await?;
         }
-        if !served.is_empty() {
-            let list = format!("{{{}}}", served.iter().map(Uuid::to_string).collect::<Vec<_>>().join(","));
-            txn.execute_raw(Statement::from_sql_and_values(
+        self.db
+            .execute_raw(Statement::from_string(
                 DbBackend::Postgres,
-                "DELETE FROM notion_webhook_pending WHERE database_id = ANY($1::uuid[])",
-                [list.into()],
+                format!("DELETE FROM notion_webhook_events WHERE received_at < now() - interval '{KEEP_EVENT_IDS}'"),
             ))
             .await?;
-        }
-        txn.commit().await?;
         let pending = self
             .db
             .query_one_raw(Statement::from_string(
@@ -318,32 +380,28 @@ impl Debouncer {
     }
 }
 
-/// One incremental run of `database` that starts after the events, at the least cost: none when
-/// a queued run will start after them anyway, a follow-up when one is running, else a new job.
-/// Runs while the caller's transaction holds the database's pending row, so no other producer
-/// serves the same events.
+/// One run of `database` in `mode` that starts after the events, at the least cost: when a run
+/// is queued or running, a rerun request (a run that has not started takes it; a running one
+/// serves it when it ends; the reaper, if neither); otherwise a new job.
 async fn serve_database(
     db: &sea_orm::DatabaseConnection,
     publisher: &crate::publish::JobPublisher,
     database: Uuid,
     integration: String,
+    mode: SyncMode,
 ) -> Result<&'static str, anyhow::Error> {
-    match active_run(db, database).await? {
-        Some(status) if status == "queued" => return Ok("a queued run covers them"),
-        Some(_) => {
-            // Served by the holder when it releases the lock (or by the reaper); if the run ended
-            // before the request was recorded, publish now instead of waiting for the reaper.
-            rerun::request(db, database, SyncMode::Incremental).await?;
-            if active_run(db, database).await?.is_some() {
-                return Ok("follow-up requested from the running run");
-            }
+    if active_run(db, database).await?.is_some() {
+        rerun::request(db, database, mode).await?;
+        // If the run ended before the request was recorded, publish now rather than wait for
+        // the reaper.
+        if active_run(db, database).await?.is_some() {
+            return Ok("rerun requested from the active run");
         }
-        None => {}
     }
     let data = SyncDatabaseJob {
         integration,
         database_id: database,
-        mode: SyncMode::Incremental,
+        mode,
         priority: Priority::High,
         reason: Reason::Webhook,
     };
@@ -352,7 +410,7 @@ async fn serve_database(
         Err(PublishError::Unconfirmed { job_id, message }) => {
             // It may run or not: a pending request makes sure a run follows either way.
             tracing::warn!(job_id = %job_id, error = %message, "A webhook job's publish is unconfirmed.");
-            rerun::request(db, database, SyncMode::Incremental).await?;
+            rerun::request(db, database, mode).await?;
             Ok("job published, unconfirmed; a rerun is requested too")
         }
         Err(e) => Err(e.into()),
@@ -374,10 +432,7 @@ async fn active_run<C: ConnectionTrait>(db: &C, database: Uuid) -> Result<Option
 }
 
 /// The enabled mirrored database one of `ids` names (as a database or a data source id).
-async fn mirrored_database(
-    db: &sea_orm::DatabaseConnection,
-    ids: &[Uuid],
-) -> Result<Option<(Uuid, String)>, sea_orm::DbErr> {
+async fn mirrored_database<C: ConnectionTrait>(db: &C, ids: &[Uuid]) -> Result<Option<Uuid>, sea_orm::DbErr> {
     if ids.is_empty() {
         return Ok(None);
     }
@@ -385,39 +440,12 @@ async fn mirrored_database(
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT id, integration FROM notion_databases \
+            "SELECT id FROM notion_databases \
              WHERE (id = ANY($1::uuid[]) OR data_source_id = ANY($1::uuid[])) AND enabled ORDER BY id LIMIT 1",
             [list.into()],
         ))
         .await?;
-    row.map(|r| Ok((r.try_get("", "id")?, r.try_get("", "integration")?))).transpose()
-}
-
-/// Records `id` as handled; false when it already was. Ids older than a week are dropped.
-async fn claim(db: &sea_orm::DatabaseConnection, id: &str, kind: &str) -> Result<bool, sea_orm::DbErr> {
-    db.execute_raw(Statement::from_string(
-        DbBackend::Postgres,
-        format!("DELETE FROM notion_webhook_events WHERE received_at < now() - interval '{KEEP_EVENT_IDS}'"),
-    ))
-    .await?;
-    let inserted = db
-        .execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO notion_webhook_events (event_id, event_type) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            [id.into(), kind.chars().take(100).collect::<String>().into()],
-        ))
-        .await?;
-    Ok(inserted.rows_affected() == 1)
-}
-
-async fn release(db: &sea_orm::DatabaseConnection, id: &str) -> Result<(), sea_orm::DbErr> {
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "DELETE FROM notion_webhook_events WHERE event_id = $1",
-        [id.into()],
-    ))
-    .await
-    .map(|_| ())
+    row.map(|r| r.try_get("", "id")).transpose()
 }
 
 /// The stored verification token (read at most once a minute).
@@ -427,26 +455,30 @@ async fn verification_token(state: &AppState) -> Result<Option<SecretString>, Ap
     {
         return Ok(Some(token));
     }
-    let token = read_token(state).await?;
+    let token = read_token(&state.db, &state.settings).await?;
     *state.webhook.token.write().await = token.clone().map(|t| (t, tokio::time::Instant::now()));
     Ok(token)
 }
 
-async fn read_token(state: &AppState) -> Result<Option<SecretString>, ApiError> {
-    let row = state
-        .db
+/// The stored verification token, decrypted.
+pub async fn read_token(
+    db: &sea_orm::DatabaseConnection,
+    settings: &syncfleet_shared::Settings,
+) -> Result<Option<SecretString>, ApiError> {
+    let row = db
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
-            "SELECT token_encrypted FROM notion_webhook_subscription WHERE id = 1",
+            "SELECT token_encrypted FROM notion_webhook_subscription WHERE id = 1 AND token_encrypted IS NOT NULL",
         ))
         .await?;
     let Some(row) = row else { return Ok(None) };
     let stored: Vec<u8> = row.try_get("", "token_encrypted")?;
-    let cipher = state.settings.token_cipher().map_err(ApiError::internal)?;
+    let cipher = settings.token_cipher().map_err(ApiError::internal)?;
     cipher.decrypt(&stored).map(Some).map_err(ApiError::internal)
 }
 
-/// The subscription's first delivery: keep its token, unless another one is kept already.
+/// The subscription's first delivery: keep its token while the endpoint is armed, unless one
+/// is kept already.
 async fn store_verification_token(state: &AppState, token: &str) -> Result<WebhookOutcome, ApiError> {
     if token.is_empty() || token.len() > 500 || token.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
@@ -457,29 +489,37 @@ async fn store_verification_token(state: &AppState, token: &str) -> Result<Webho
     let secret = SecretString::from(token.to_string());
     let cipher = state.settings.token_cipher().map_err(ApiError::internal)?;
     let encrypted = cipher.encrypt(&secret).map_err(ApiError::internal)?;
-    let inserted = state
+    let stored = state
         .db
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO notion_webhook_subscription (id, token_encrypted) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+            "UPDATE notion_webhook_subscription SET token_encrypted = $1, received_at = now(), armed_until = NULL \
+             WHERE id = 1 AND token_encrypted IS NULL AND armed_until > now()",
             [encrypted.into()],
         ))
         .await?;
-    if inserted.rows_affected() == 1 {
+    if stored.rows_affected() == 1 {
         tracing::warn!(
             token = %syncfleet_shared::webhook::mask(token),
-            "Notion webhook verification token stored. Paste the token Notion shows into its webhook settings to verify the subscription; signed events are accepted from now on."
+            "Notion webhook verification token stored. Print it with `syncfleet-producer webhook status --reveal` and paste it into Notion's verification form; signed events are accepted from now on."
         );
         *state.webhook.token.write().await = Some((secret, tokio::time::Instant::now()));
         return Ok(WebhookOutcome::new("verification_token_stored"));
     }
-    let same = read_token(state).await?.is_some_and(|stored| {
-        subtle::ConstantTimeEq::ct_eq(stored.expose_secret().as_bytes(), token.as_bytes()).into()
-    });
-    if same {
-        return Ok(WebhookOutcome::new("verification_token_stored"));
+    match read_token(&state.db, &state.settings).await? {
+        Some(kept)
+            if bool::from(subtle::ConstantTimeEq::ct_eq(
+                kept.expose_secret().as_bytes(),
+                token.as_bytes(),
+            )) =>
+        {
+            Ok(WebhookOutcome::new("verification_token_stored"))
+        }
+        Some(_) => Err(ApiError::conflict(
+            "a different verification token is stored: run `syncfleet-producer webhook reset` to accept a new subscription",
+        )),
+        None => Err(ApiError::forbidden(
+            "the webhook is not armed for a verification request: run `syncfleet-producer webhook arm`, then create the subscription in Notion",
+        )),
     }
-    Err(ApiError::conflict(
-        "a different verification token is stored: run `syncfleet-producer webhook reset` to accept a new subscription",
-    ))
 }

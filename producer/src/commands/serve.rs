@@ -3,9 +3,10 @@
 //! Every `scheduler.tick_secs` it looks at each registered database and publishes:
 //! - a **full** reconciliation (reason `reconcile`) when none was enqueued in the last
 //!   `scheduler.full_every_secs` (nightly by default) — full runs are what find deletions;
-//! - otherwise an **incremental** sync (reason `schedule`) when the database has an interval
-//!   (`database add --interval-secs`, or `scheduler.default_interval_secs`) and nothing was
-//!   enqueued for it within that interval.
+//! - otherwise an **incremental** sync (reason `schedule`) when the database has a cron schedule
+//!   (`database schedule --cron`, see [`crate::schedule`]) whose latest occurrence is due and not
+//!   yet enqueued, or, without one, an interval (`database add --interval-secs`, or
+//!   `scheduler.default_interval_secs`) and nothing was enqueued for it within that interval.
 //!
 //! A database with a run still queued or running gets nothing more, so a stopped fleet does not
 //! pile up jobs. A database whose runs keep failing is retried with exponential backoff
@@ -49,6 +50,19 @@ pub struct DueRow {
     /// Failed runs since the last success, and when the last one was enqueued.
     pub failures: u32,
     pub last_failure: Option<DateTime<Utc>>,
+    /// The cron schedule, which replaces the interval when set.
+    pub cron: Option<crate::schedule::CronSchedule>,
+    /// The last cron occurrence enqueued.
+    pub fired_at: Option<DateTime<Utc>>,
+}
+
+/// What the scheduler publishes for a database now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub mode: SyncMode,
+    pub reason: Reason,
+    /// The cron occurrence this run serves (its job id derives from it).
+    pub occurrence: Option<DateTime<Utc>>,
 }
 
 /// How long the scheduler leaves a database alone after `failures` consecutive failed runs.
@@ -68,13 +82,14 @@ impl FailureBackoff {
     }
 }
 
-/// What, if anything, to publish for `row` now.
+/// What, if anything, to publish for `row` now. `grace` is the cron misfire grace.
 pub fn decide(
     now: DateTime<Utc>,
     row: &DueRow,
     full_every: Option<Duration>,
     backoff: FailureBackoff,
-) -> Option<(SyncMode, Reason)> {
+    grace: Duration,
+) -> Option<Due> {
     if row.active || !row.enabled {
         return None;
     }
@@ -85,14 +100,23 @@ pub fn decide(
     if row.failures > 0 && !older_than(row.last_failure, backoff.after(row.failures)) {
         return None;
     }
+    // A due cron occurrence; a full run due at the same time serves it too.
+    let occurrence = row.cron.as_ref().and_then(|c| c.latest_due(row.id, row.fired_at, now, grace));
     if let Some(full_every) = full_every
         && older_than(row.last_full, full_every)
     {
-        return Some((SyncMode::Full, Reason::Reconcile));
+        return Some(Due { mode: SyncMode::Full, reason: Reason::Reconcile, occurrence });
+    }
+    if row.cron.is_some() {
+        return occurrence.map(|o| Due {
+            mode: SyncMode::Incremental,
+            reason: Reason::Schedule,
+            occurrence: Some(o),
+        });
     }
     match row.interval {
         Some(interval) if older_than(row.last_enqueued, interval) => {
-            Some((SyncMode::Incremental, Reason::Schedule))
+            Some(Due { mode: SyncMode::Incremental, reason: Reason::Schedule, occurrence: None })
         }
         _ => None,
     }
@@ -100,6 +124,7 @@ pub fn decide(
 
 const DUE_SQL: &str = r#"
 SELECT d.id, d.integration, d.slug, d.last_success_at, d.enabled,
+       d.schedule_cron, d.schedule_tz, d.schedule_jitter_secs, d.schedule_fired_at,
        COALESCE(d.sync_interval_secs, NULLIF($1::integer, 0)) AS interval_secs,
        (SELECT max(r.enqueued_at) FROM sync_runs r WHERE r.database_id = d.id) AS last_enqueued,
        (SELECT max(r.enqueued_at) FROM sync_runs r
@@ -145,8 +170,17 @@ async fn load(db: &DatabaseConnection, default_interval_secs: u64) -> Result<Vec
     rows.iter()
         .map(|r| {
             let interval: Option<i32> = r.try_get("", "interval_secs")?;
+            let id: Uuid = r.try_get("", "id")?;
+            let expression: Option<String> = r.try_get("", "schedule_cron")?;
+            let tz: Option<String> = r.try_get("", "schedule_tz")?;
+            let jitter: i32 = r.try_get("", "schedule_jitter_secs")?;
+            let cron = expression.and_then(|e| {
+                crate::schedule::CronSchedule::parse(&e, tz.as_deref(), jitter.max(0) as u32)
+                    .inspect_err(|err| tracing::error!(database = %id, error = %err, "A stored cron schedule is invalid; the database is not scheduled by it."))
+                    .ok()
+            });
             Ok(DueRow {
-                id: r.try_get("", "id")?,
+                id,
                 integration: r.try_get("", "integration")?,
                 slug: r.try_get("", "slug")?,
                 interval: interval.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64)),
@@ -157,6 +191,8 @@ async fn load(db: &DatabaseConnection, default_interval_secs: u64) -> Result<Vec
                 enabled: r.try_get("", "enabled")?,
                 failures: r.try_get::<i32>("", "failures")?.max(0) as u32,
                 last_failure: r.try_get("", "last_failure")?,
+                cron,
+                fired_at: r.try_get("", "schedule_fired_at")?,
             })
         })
         .collect()
@@ -201,6 +237,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     let reaper = Reaper::new(settings);
     let lease_key = format!("{}:scheduler", settings.redis.key_prefix);
     let full_every = Some(Duration::from_secs(settings.scheduler.full_every_secs)).filter(|d| !d.is_zero());
+    let grace = Duration::from_secs(settings.scheduler.misfire_grace_secs);
     let mut leader: Option<LeaseGuard> = None;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,27 +289,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
             healthy &= reaper.run(&db, &publisher, &metrics).await;
             let now = Utc::now();
             for row in &rows {
-                let Some((mode, reason)) = decide(now, row, full_every, backoff) else { continue };
-                let data = SyncDatabaseJob {
-                    integration: row.integration.clone(),
-                    database_id: row.id,
-                    mode,
-                    priority: Priority::Normal,
-                    reason,
-                };
-                match publisher.publish(&db, "urn:syncfleet:scheduler", data).await {
-                    Ok(job) => tracing::info!(
-                        job.id = %job.id,
-                        database = %row.slug,
-                        mode = mode.as_str(),
-                        reason = reason.as_str(),
-                        "Scheduled a sync."
-                    ),
-                    Err(e) => {
-                        healthy = false;
-                        tracing::warn!(database = %row.slug, error = %e, "Could not publish a scheduled sync.");
-                    }
-                }
+                let Some(due) = decide(now, row, full_every, backoff, grace) else { continue };
+                healthy &= publish_due(&db, &publisher, row, due).await;
             }
         }
         match notify_queue_usage(&db).await {
@@ -289,6 +307,55 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     stop.cancel();
     tracing::info!("Scheduler stopped.");
     Ok(())
+}
+
+/// Publishes what [`decide`] chose; returns false when it could not.
+async fn publish_due(db: &DatabaseConnection, publisher: &JobPublisher, row: &DueRow, due: Due) -> bool {
+    let data = SyncDatabaseJob {
+        integration: row.integration.clone(),
+        database_id: row.id,
+        mode: due.mode,
+        priority: Priority::Normal,
+        reason: due.reason,
+    };
+    let published = match due.occurrence {
+        // The occurrence's own id: published twice (two leaders, a leader that died before
+        // recording it), it is still one run.
+        Some(at) => {
+            let id = crate::schedule::occurrence_job_id(row.id, at);
+            publisher.publish_as(db, "urn:syncfleet:scheduler", data, id).await
+        }
+        None => publisher.publish(db, "urn:syncfleet:scheduler", data).await,
+    };
+    match published {
+        Ok(job) => tracing::info!(
+            job.id = %job.id,
+            database = %row.slug,
+            mode = due.mode.as_str(),
+            reason = due.reason.as_str(),
+            occurrence = ?due.occurrence,
+            "Scheduled a sync."
+        ),
+        Err(e) => {
+            tracing::warn!(database = %row.slug, error = %e, "Could not publish a scheduled sync.");
+            return false;
+        }
+    }
+    let Some(at) = due.occurrence else { return true };
+    let recorded = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE notion_databases SET schedule_fired_at = $2 \
+             WHERE id = $1 AND (schedule_fired_at IS NULL OR schedule_fired_at < $2)",
+            [row.id.into(), at.into()],
+        ))
+        .await;
+    if let Err(e) = recorded {
+        // The next tick publishes the same occurrence again (the same job id): still one run.
+        tracing::warn!(database = %row.slug, error = %e, "Could not record the cron occurrence enqueued.");
+        return false;
+    }
+    true
 }
 
 /// The leader's clean-up pass, once per tick.
@@ -385,7 +452,15 @@ mod tests {
             enabled: true,
             failures: 0,
             last_failure: None,
+            cron: None,
+            fired_at: None,
         }
+    }
+
+    const GRACE: Duration = Duration::from_secs(3600);
+
+    fn due(mode: SyncMode, reason: Reason) -> Option<Due> {
+        Some(Due { mode, reason, occurrence: None })
     }
 
     const BACKOFF: FailureBackoff =
@@ -394,7 +469,7 @@ mod tests {
     #[test]
     fn a_database_never_synced_gets_a_full_reconciliation_first() {
         let day = Some(Duration::from_secs(86_400));
-        assert_eq!(decide(Utc::now(), &row(), day, BACKOFF), Some((SyncMode::Full, Reason::Reconcile)));
+        assert_eq!(decide(Utc::now(), &row(), day, BACKOFF, GRACE), due(SyncMode::Full, Reason::Reconcile));
     }
 
     #[test]
@@ -404,24 +479,62 @@ mod tests {
         let mut r = row();
         r.last_full = Some(now - chrono::Duration::hours(3));
         r.last_enqueued = Some(now - chrono::Duration::seconds(100));
-        assert_eq!(decide(now, &r, day, BACKOFF), None, "interval not over");
+        assert_eq!(decide(now, &r, day, BACKOFF, GRACE), None, "interval not over");
         r.last_enqueued = Some(now - chrono::Duration::seconds(301));
-        assert_eq!(decide(now, &r, day, BACKOFF), Some((SyncMode::Incremental, Reason::Schedule)));
+        assert_eq!(decide(now, &r, day, BACKOFF, GRACE), due(SyncMode::Incremental, Reason::Schedule));
         r.active = true;
-        assert_eq!(decide(now, &r, day, BACKOFF), None);
+        assert_eq!(decide(now, &r, day, BACKOFF, GRACE), None);
         r.active = false;
         r.last_full = Some(now - chrono::Duration::hours(25));
-        assert_eq!(decide(now, &r, day, BACKOFF), Some((SyncMode::Full, Reason::Reconcile)));
+        assert_eq!(decide(now, &r, day, BACKOFF, GRACE), due(SyncMode::Full, Reason::Reconcile));
         r.interval = None;
         r.last_full = Some(now);
-        assert_eq!(decide(now, &r, day, BACKOFF), None, "on-demand databases only get the nightly full");
-        assert_eq!(decide(now, &r, None, BACKOFF), None);
+        assert_eq!(
+            decide(now, &r, day, BACKOFF, GRACE),
+            None,
+            "on-demand databases only get the nightly full"
+        );
+        assert_eq!(decide(now, &r, None, BACKOFF, GRACE), None);
+    }
+
+    #[test]
+    fn a_cron_schedule_replaces_the_interval_and_a_busy_database_gets_one_catch_up_later() {
+        let now = DateTime::parse_from_rfc3339("2026-11-24T11:30:00Z").expect("time").with_timezone(&Utc);
+        let day = Some(Duration::from_secs(86_400));
+        let mut r = row();
+        r.last_full = Some(now - chrono::Duration::hours(3));
+        r.last_enqueued = Some(now - chrono::Duration::hours(2));
+        r.cron = Some(crate::schedule::CronSchedule::parse("0 * * * *", None, 0).expect("hourly"));
+        r.fired_at = Some(now - chrono::Duration::minutes(30));
+        assert_eq!(decide(now, &r, day, BACKOFF, GRACE), None, "11:00 is enqueued; the interval is ignored");
+        // 09:00, 10:00 and 11:00 missed while a run was active: one run, for 11:00, once it ends.
+        r.fired_at = Some(now - chrono::Duration::minutes(150));
+        r.active = true;
+        assert_eq!(decide(now, &r, day, BACKOFF, GRACE), None);
+        r.active = false;
+        let eleven = now - chrono::Duration::minutes(30);
+        assert_eq!(
+            decide(now, &r, day, BACKOFF, GRACE),
+            Some(Due { mode: SyncMode::Incremental, reason: Reason::Schedule, occurrence: Some(eleven) })
+        );
+        // A full run due at the same time serves the occurrence too.
+        r.last_full = Some(now - chrono::Duration::hours(25));
+        assert_eq!(
+            decide(now, &r, day, BACKOFF, GRACE),
+            Some(Due { mode: SyncMode::Full, reason: Reason::Reconcile, occurrence: Some(eleven) })
+        );
     }
 }
 
 #[cfg(test)]
 mod backoff_tests {
     use super::*;
+
+    const GRACE: Duration = Duration::from_secs(3600);
+
+    fn due(mode: SyncMode, reason: Reason) -> Option<Due> {
+        Some(Due { mode, reason, occurrence: None })
+    }
 
     #[test]
     fn a_database_whose_runs_keep_failing_is_retried_with_exponential_backoff() {
@@ -443,14 +556,16 @@ mod backoff_tests {
             enabled: true,
             failures: 3,
             last_failure: Some(now - chrono::Duration::seconds(100)),
+            cron: None,
+            fired_at: None,
         };
         let day = Some(Duration::from_secs(86_400));
         assert_eq!(
-            decide(now, &r, day, backoff),
+            decide(now, &r, day, backoff, GRACE),
             None,
             "a failed full run is an attempt: no new job every tick"
         );
         r.last_failure = Some(now - chrono::Duration::seconds(241));
-        assert_eq!(decide(now, &r, day, backoff), Some((SyncMode::Full, Reason::Reconcile)));
+        assert_eq!(decide(now, &r, day, backoff, GRACE), due(SyncMode::Full, Reason::Reconcile));
     }
 }

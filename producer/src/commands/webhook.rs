@@ -6,8 +6,18 @@ use syncfleet_shared::Settings;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum WebhookCommand {
-    /// Whether a verification token is stored (shown masked), and the events handled lately.
-    Status,
+    /// Accept the next verification request (`{"verification_token": …}`) for this long: do
+    /// this, then create the subscription in Notion.
+    Arm {
+        #[arg(long, default_value_t = 900)]
+        for_secs: u32,
+    },
+    /// Whether a verification token is stored (masked, or in full with `--reveal` to paste it
+    /// into Notion's verification form), and the events handled lately.
+    Status {
+        #[arg(long)]
+        reveal: bool,
+    },
     /// Forget the stored verification token, so that the next subscription's verification
     /// request is accepted (deliveries signed with the old token are refused from then on).
     Reset,
@@ -16,24 +26,44 @@ pub enum WebhookCommand {
 pub async fn run(settings: &Settings, command: WebhookCommand) -> anyhow::Result<()> {
     let db = syncfleet_shared::db::connect(&settings.database).await?;
     match command {
-        WebhookCommand::Status => {
-            let row = db
-                .query_one_raw(Statement::from_string(
+        WebhookCommand::Arm { for_secs } => {
+            if !(10..=86_400).contains(&for_secs) {
+                anyhow::bail!("for-secs: must be between 10 and 86400");
+            }
+            let armed = db
+                .execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
-                    "SELECT token_encrypted, received_at::text AS at FROM notion_webhook_subscription WHERE id = 1",
+                    "INSERT INTO notion_webhook_subscription (id, armed_until) VALUES (1, now() + make_interval(secs => $1)) \
+                     ON CONFLICT (id) DO UPDATE SET armed_until = EXCLUDED.armed_until \
+                     WHERE notion_webhook_subscription.token_encrypted IS NULL",
+                    [f64::from(for_secs).into()],
                 ))
                 .await?;
-            match row {
-                None => println!("no verification token stored: create the subscription in Notion"),
-                Some(row) => {
-                    use secrecy::ExposeSecret;
-                    let stored: Vec<u8> = row.try_get("", "token_encrypted")?;
-                    let token = settings.token_cipher()?.decrypt(&stored)?;
-                    let at: String = row.try_get("", "at")?;
+            if armed.rows_affected() == 0 {
+                anyhow::bail!(
+                    "a verification token is already stored: `webhook reset` first to accept a new subscription"
+                );
+            }
+            println!(
+                "armed for {for_secs} s: create the subscription in Notion (endpoint …/v1/notion/webhook); its verification request will be accepted"
+            );
+            Ok(())
+        }
+        WebhookCommand::Status { reveal } => {
+            use secrecy::ExposeSecret;
+            match crate::api::webhook::read_token(&db, settings)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?
+            {
+                None => println!(
+                    "no verification token stored: `webhook arm`, then create the subscription in Notion"
+                ),
+                Some(token) if reveal => println!("verification token {}", token.expose_secret()),
+                Some(token) => {
                     println!(
-                        "verification token {} stored at {at}",
+                        "verification token {} stored",
                         syncfleet_shared::webhook::mask(token.expose_secret())
-                    );
+                    )
                 }
             }
             let rows = db

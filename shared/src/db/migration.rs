@@ -6,6 +6,35 @@
 
 use sea_orm_migration::prelude::*;
 
+/// A migration that runs plain SQL: a module `$name` holding its `Migration`.
+macro_rules! sql_migration {
+    ($(#[$doc:meta])* $name:ident, up: $up:expr, down: $down:expr $(,)?) => {
+        $(#[$doc])*
+        mod $name {
+            use sea_orm_migration::prelude::*;
+
+            pub struct Migration;
+
+            impl MigrationName for Migration {
+                fn name(&self) -> &str {
+                    stringify!($name)
+                }
+            }
+
+            #[async_trait::async_trait]
+            impl MigrationTrait for Migration {
+                async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+                    manager.get_connection().execute_unprepared($up).await.map(|_| ())
+                }
+
+                async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+                    manager.get_connection().execute_unprepared($down).await.map(|_| ())
+                }
+            }
+        }
+    };
+}
+
 pub struct Migrator;
 
 #[async_trait::async_trait]
@@ -19,6 +48,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000005_control_plane::Migration),
             Box::new(m20261124_000006_attempt_markers::Migration),
             Box::new(m20261124_000007_notion_webhooks::Migration),
+            Box::new(m20261124_000008_cron_schedules::Migration),
         ]
     }
 }
@@ -135,20 +165,11 @@ END $$;
     }
 }
 
-/// Page history, invalid pages, per-database property mappings, and the `notion` schema that
-/// holds one typed view per database with the helper functions the views use.
-mod m20261122_000002_sync_semantics {
-    use sea_orm_migration::prelude::*;
-
-    pub struct Migration;
-
-    impl MigrationName for Migration {
-        fn name(&self) -> &str {
-            "m20261122_000002_sync_semantics"
-        }
-    }
-
-    const UP: &str = r#"
+sql_migration! {
+    /// Page history, invalid pages, per-database property mappings, and the `notion` schema that
+    /// holds one typed view per database with the helper functions the views use.
+    m20261122_000002_sync_semantics,
+    up: r#"
 CREATE TABLE notion_page_versions (
     id                bigserial PRIMARY KEY,
     database_id       uuid NOT NULL REFERENCES notion_databases (id) ON DELETE CASCADE,
@@ -204,39 +225,18 @@ CREATE FUNCTION notion.ts(value text) RETURNS timestamptz LANGUAGE sql IMMUTABLE
         ELSE value::timestamptz
     END
 $$;
-"#;
-
-    const DOWN: &str = "DROP SCHEMA notion CASCADE; DROP TABLE sync_page_errors; DROP TABLE notion_page_versions; \
-        ALTER TABLE notion_databases DROP COLUMN mapping, DROP COLUMN view_hash;";
-
-    #[async_trait::async_trait]
-    impl MigrationTrait for Migration {
-        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
-        }
-
-        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
-        }
-    }
+"#,
+    down: "DROP SCHEMA notion CASCADE; DROP TABLE sync_page_errors; DROP TABLE notion_page_versions; \
+        ALTER TABLE notion_databases DROP COLUMN mapping, DROP COLUMN view_hash;",
 }
 
-/// Exactness under interleaving: the full-run seen marker (deletions depend only on what a
-/// full run saw), durable coalesced rerun requests, fenced run bookkeeping with heartbeats,
-/// dead-letter confirmation, the `abandoned` status the reaper gives runs whose holder is gone,
-/// and the typed view's last DDL error.
-mod m20261124_000003_exactness {
-    use sea_orm_migration::prelude::*;
-
-    pub struct Migration;
-
-    impl MigrationName for Migration {
-        fn name(&self) -> &str {
-            "m20261124_000003_exactness"
-        }
-    }
-
-    const UP: &str = r#"
+sql_migration! {
+    /// Exactness under interleaving: the full-run seen marker (deletions depend only on what a
+    /// full run saw), durable coalesced rerun requests, fenced run bookkeeping with heartbeats,
+    /// dead-letter confirmation, the `abandoned` status the reaper gives runs whose holder is gone,
+    /// and the typed view's last DDL error.
+    m20261124_000003_exactness,
+    up: r#"
 ALTER TABLE notion_pages ADD COLUMN seen_full_at timestamptz;
 -- Pages whose last writer was a full run were seen by it.
 UPDATE notion_pages p SET seen_full_at = r.started_at
@@ -256,9 +256,8 @@ ALTER TABLE sync_runs
     ADD CONSTRAINT sync_runs_status_check CHECK (status IN
         ('queued', 'running', 'retrying', 'abandoned', 'succeeded', 'partial', 'failed', 'skipped'));
 CREATE INDEX sync_runs_active ON sync_runs (status, heartbeat_at) WHERE status IN ('queued', 'running', 'retrying');
-"#;
-
-    const DOWN: &str = "DROP INDEX sync_runs_active; \
+"#,
+    down: "DROP INDEX sync_runs_active; \
         UPDATE sync_runs SET status = 'failed' WHERE status = 'abandoned'; \
         ALTER TABLE sync_runs DROP CONSTRAINT sync_runs_status_check, \
             ADD CONSTRAINT sync_runs_status_check CHECK (status IN \
@@ -266,34 +265,14 @@ CREATE INDEX sync_runs_active ON sync_runs (status, heartbeat_at) WHERE status I
             DROP COLUMN fence, DROP COLUMN heartbeat_at, DROP COLUMN dead_lettered_at; \
         ALTER TABLE notion_databases DROP COLUMN rerun_mode, DROP COLUMN rerun_seq, \
             DROP COLUMN rerun_requested_at, DROP COLUMN view_error; \
-        ALTER TABLE notion_pages DROP COLUMN seen_full_at;";
-
-    #[async_trait::async_trait]
-    impl MigrationTrait for Migration {
-        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
-        }
-
-        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
-        }
-    }
+        ALTER TABLE notion_pages DROP COLUMN seen_full_at;",
 }
 
-/// Deletion confirmations counted per run, and the durable claims that de-duplicate failure
-/// notifications (a Redis restart must not announce the same failure twice).
-mod m20261124_000004_confirmations {
-    use sea_orm_migration::prelude::*;
-
-    pub struct Migration;
-
-    impl MigrationName for Migration {
-        fn name(&self) -> &str {
-            "m20261124_000004_confirmations"
-        }
-    }
-
-    const UP: &str = r#"
+sql_migration! {
+    /// Deletion confirmations counted per run, and the durable claims that de-duplicate failure
+    /// notifications (a Redis restart must not announce the same failure twice).
+    m20261124_000004_confirmations,
+    up: r#"
 ALTER TABLE sync_runs
     ADD COLUMN IF NOT EXISTS deletion_checks bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS deletions_refuted bigint NOT NULL DEFAULT 0;
@@ -304,38 +283,17 @@ CREATE TABLE IF NOT EXISTS notification_claims (
     claimed_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (subject, kind)
 );
-"#;
-
-    const DOWN: &str = "DROP TABLE notification_claims; \
-        ALTER TABLE sync_runs DROP COLUMN deletion_checks, DROP COLUMN deletions_refuted;";
-
-    #[async_trait::async_trait]
-    impl MigrationTrait for Migration {
-        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
-        }
-
-        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
-        }
-    }
+"#,
+    down: "DROP TABLE notification_claims; \
+        ALTER TABLE sync_runs DROP COLUMN deletion_checks, DROP COLUMN deletions_refuted;",
 }
 
-/// The control plane: databases can be disabled (the scheduler leaves them alone), and every
-/// change to a run is announced with `NOTIFY syncfleet_runs` carrying the run's state and its
-/// change sequence, so the API streams progress to any number of clients from one `LISTEN`.
-mod m20261124_000005_control_plane {
-    use sea_orm_migration::prelude::*;
-
-    pub struct Migration;
-
-    impl MigrationName for Migration {
-        fn name(&self) -> &str {
-            "m20261124_000005_control_plane"
-        }
-    }
-
-    const UP: &str = r#"
+sql_migration! {
+    /// The control plane: databases can be disabled (the scheduler leaves them alone), and every
+    /// change to a run is announced with `NOTIFY syncfleet_runs` carrying the run's state and its
+    /// change sequence, so the API streams progress to any number of clients from one `LISTEN`.
+    m20261124_000005_control_plane,
+    up: r#"
 ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS enabled boolean NOT NULL DEFAULT true;
 ALTER TABLE sync_runs ADD COLUMN IF NOT EXISTS change_seq bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS sync_runs_history ON sync_runs (enqueued_at DESC, id DESC);
@@ -385,83 +343,44 @@ CREATE TRIGGER sync_runs_seq BEFORE UPDATE ON sync_runs
 DROP TRIGGER IF EXISTS sync_runs_notify ON sync_runs;
 CREATE TRIGGER sync_runs_notify AFTER INSERT OR UPDATE ON sync_runs
     FOR EACH ROW EXECUTE FUNCTION syncfleet_run_notify();
-"#;
-
-    const DOWN: &str = "DROP TRIGGER IF EXISTS sync_runs_notify ON sync_runs; \
+"#,
+    down: "DROP TRIGGER IF EXISTS sync_runs_notify ON sync_runs; \
         DROP TRIGGER IF EXISTS sync_runs_seq ON sync_runs; \
         DROP FUNCTION IF EXISTS syncfleet_run_notify(); DROP FUNCTION IF EXISTS syncfleet_run_seq(); \
         DROP INDEX IF EXISTS sync_runs_history; \
-        ALTER TABLE sync_runs DROP COLUMN change_seq; ALTER TABLE notion_databases DROP COLUMN enabled;";
-
-    #[async_trait::async_trait]
-    impl MigrationTrait for Migration {
-        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
-        }
-
-        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
-        }
-    }
+        ALTER TABLE sync_runs DROP COLUMN change_seq; ALTER TABLE notion_databases DROP COLUMN enabled;",
 }
 
-/// One UNLOGGED row per running attempt (database, fence). PostgreSQL empties unlogged tables
-/// in crash recovery, which also drops commits made with `synchronous_commit = off`; a backend
-/// crash recovers without restarting the postmaster, so `pg_postmaster_start_time()` alone does
-/// not show it. A missing marker does.
-mod m20261124_000006_attempt_markers {
-    use sea_orm_migration::prelude::*;
-
-    pub struct Migration;
-
-    impl MigrationName for Migration {
-        fn name(&self) -> &str {
-            "m20261124_000006_attempt_markers"
-        }
-    }
-
-    const UP: &str = r#"
+sql_migration! {
+    /// One UNLOGGED row per running attempt (database, fence). PostgreSQL empties unlogged tables
+    /// in crash recovery, which also drops commits made with `synchronous_commit = off`; a backend
+    /// crash recovers without restarting the postmaster, so `pg_postmaster_start_time()` alone does
+    /// not show it. A missing marker does.
+    m20261124_000006_attempt_markers,
+    up: r#"
 CREATE UNLOGGED TABLE IF NOT EXISTS sync_attempt_markers (
     database_id uuid NOT NULL,
     fence       bigint NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (database_id, fence)
 );
-"#;
-
-    const DOWN: &str = "DROP TABLE IF EXISTS sync_attempt_markers;";
-
-    #[async_trait::async_trait]
-    impl MigrationTrait for Migration {
-        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
-        }
-
-        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
-        }
-    }
+"#,
+    down: "DROP TABLE IF EXISTS sync_attempt_markers;",
 }
 
-/// Notion webhooks: the subscription's verification token (encrypted like integration tokens;
-/// one subscription per deployment), and the event ids already handled, so a replayed delivery
-/// is ignored.
-mod m20261124_000007_notion_webhooks {
-    use sea_orm_migration::prelude::*;
-
-    pub struct Migration;
-
-    impl MigrationName for Migration {
-        fn name(&self) -> &str {
-            "m20261124_000007_notion_webhooks"
-        }
-    }
-
-    const UP: &str = r#"
+sql_migration! {
+    /// Notion webhooks: the subscription's verification token (encrypted like integration tokens;
+    /// one subscription per deployment), and the event ids already handled, so a replayed delivery
+    /// is ignored.
+    m20261124_000007_notion_webhooks,
+    up: r#"
+-- `armed_until`: the window an operator opened (`webhook arm`) for the verification request;
+-- outside it no token is accepted, so nobody else can become the first to send one.
 CREATE TABLE IF NOT EXISTS notion_webhook_subscription (
     id              smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-    token_encrypted bytea NOT NULL,
-    received_at     timestamptz NOT NULL DEFAULT now()
+    token_encrypted bytea,
+    armed_until     timestamptz,
+    received_at     timestamptz
 );
 CREATE TABLE IF NOT EXISTS notion_webhook_events (
     event_id    text PRIMARY KEY,
@@ -471,24 +390,31 @@ CREATE TABLE IF NOT EXISTS notion_webhook_events (
 CREATE INDEX IF NOT EXISTS notion_webhook_events_received ON notion_webhook_events (received_at);
 -- Databases with events not yet served by a job (the debounce): upserted by each event,
 -- deleted in the transaction that serves them.
+-- `mode` is `full` once an event needs one (a page deleted or moved out: only full runs find
+-- those); `claimed_until` is set by the producer serving the row.
 CREATE TABLE IF NOT EXISTS notion_webhook_pending (
-    database_id uuid PRIMARY KEY REFERENCES notion_databases (id) ON DELETE CASCADE,
-    first_at    timestamptz NOT NULL DEFAULT now(),
-    last_at     timestamptz NOT NULL DEFAULT now()
+    database_id   uuid PRIMARY KEY REFERENCES notion_databases (id) ON DELETE CASCADE,
+    mode          text NOT NULL DEFAULT 'incremental',
+    first_at      timestamptz NOT NULL DEFAULT now(),
+    last_at       timestamptz NOT NULL DEFAULT now(),
+    claimed_until timestamptz
 );
-"#;
+"#,
+    down: "DROP TABLE IF EXISTS notion_webhook_pending; DROP TABLE IF EXISTS notion_webhook_events; \
+        DROP TABLE IF EXISTS notion_webhook_subscription;",
+}
 
-    const DOWN: &str = "DROP TABLE IF EXISTS notion_webhook_pending; DROP TABLE IF EXISTS notion_webhook_events; \
-        DROP TABLE IF EXISTS notion_webhook_subscription;";
-
-    #[async_trait::async_trait]
-    impl MigrationTrait for Migration {
-        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(UP).await.map(|_| ())
-        }
-
-        async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-            manager.get_connection().execute_unprepared(DOWN).await.map(|_| ())
-        }
-    }
+sql_migration! {
+    /// Cron schedules: an expression, its time zone and jitter per database, and the last
+    /// occurrence the scheduler enqueued (misfires are served by one catch-up run).
+    m20261124_000008_cron_schedules,
+    up: r#"
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_cron text;
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_tz text;
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_jitter_secs integer NOT NULL DEFAULT 0;
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_fired_at timestamptz;
+"#,
+    down: "ALTER TABLE notion_databases DROP COLUMN IF EXISTS schedule_cron, \
+        DROP COLUMN IF EXISTS schedule_tz, DROP COLUMN IF EXISTS schedule_jitter_secs, \
+        DROP COLUMN IF EXISTS schedule_fired_at;",
 }

@@ -39,7 +39,7 @@ impl WebhookTarget {
             while let Some(event) = rx.recv().await {
                 let body = event.to_string().into_bytes();
                 let signature = syncfleet_shared::webhook::sign(key.as_bytes(), &body);
-                deliver(&http, &url, body, Some(signature), &task_counts).await;
+                deliver(&http, &url, body, signature, &task_counts).await;
             }
         });
         Self { tx, token, counts }

@@ -15,6 +15,7 @@ mod poison;
 mod publish;
 mod publishers;
 mod redis_ha;
+mod schedules;
 mod semantics;
 mod shutdown;
 mod sim_conformance;

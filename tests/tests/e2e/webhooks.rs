@@ -36,7 +36,7 @@ async fn deliver(api: &Api, body: &[u8], signature: Option<&str>) -> (u16, Value
 /// Signs and delivers `event` with `token`.
 async fn signed(api: &Api, token: &str, event: &Value) -> (u16, Value) {
     let body = event.to_string().into_bytes();
-    let signature = syncfleet_shared::webhook::sign(token.as_bytes(), &body);
+    let signature = syncfleet_shared::webhook::sign(token.as_bytes(), &body).expect("signed");
     deliver(api, &body, Some(&signature)).await
 }
 
@@ -65,6 +65,11 @@ async fn the_webhook_verifies_signatures_ignores_replays_and_unknown_events_and_
     // Before the handshake nothing can be verified.
     let token = "secret_verification_0b9f2c4d7e1a";
     assert_eq!(signed(&api, token, &edit()).await.0, 401);
+    // Nobody can be first to plant a token: the operator arms the endpoint for the handshake.
+    let (status, body) =
+        deliver(&api, json!({"verification_token": token}).to_string().as_bytes(), None).await;
+    assert_eq!(status, 403, "not armed: {body}");
+    cli_text(&env, &["webhook", "arm", "--for-secs", "600"]).await;
     // The handshake: stored once, repeated harmlessly, never replaced by another token.
     let (status, body) =
         deliver(&api, json!({"verification_token": token}).to_string().as_bytes(), None).await;
@@ -81,9 +86,9 @@ async fn the_webhook_verifies_signatures_ignores_replays_and_unknown_events_and_
     let event = edit();
     let raw = event.to_string().into_bytes();
     assert_eq!(deliver(&api, &raw, None).await.0, 401);
-    let wrong_key = syncfleet_shared::webhook::sign(b"secret_attacker", &raw);
+    let wrong_key = syncfleet_shared::webhook::sign(b"secret_attacker", &raw).expect("signed");
     assert_eq!(deliver(&api, &raw, Some(&wrong_key)).await.0, 401);
-    let other_body = syncfleet_shared::webhook::sign(token.as_bytes(), b"{}");
+    let other_body = syncfleet_shared::webhook::sign(token.as_bytes(), b"{}").expect("signed");
     assert_eq!(deliver(&api, &raw, Some(&other_body)).await.0, 401);
     assert_eq!(deliver(&api, &raw, Some("sha256=not-hex")).await.0, 401);
     assert_eq!(deliver(&api, b"{not json", Some("sha256=00")).await.0, 400);
@@ -171,7 +176,10 @@ async fn the_webhook_verifies_signatures_ignores_replays_and_unknown_events_and_
     // The operator replaces the subscription: the old token stops working at once.
     let status = cli_text(&env, &["webhook", "status"]).await;
     assert!(status.contains("secret_v") && !status.contains(token), "{status}");
+    let revealed = cli_text(&env, &["webhook", "status", "--reveal"]).await;
+    assert!(revealed.contains(token), "the operator can copy the token into Notion: {revealed}");
     cli_text(&env, &["webhook", "reset"]).await;
+    cli_text(&env, &["webhook", "arm"]).await;
     let fresh = "secret_second_subscription_5e6f";
     let (code, body) = deliver(&api, json!({"verification_token": fresh}).to_string().as_bytes(), None).await;
     assert_eq!(code, 200, "{body}");
@@ -192,7 +200,8 @@ async fn an_edit_in_notion_reaches_postgresql_through_the_webhook_and_a_storm_co
     assert_eq!(status, 202, "{first}");
     api.wait_final(first["job_id"].as_str().expect("id"), LONG).await;
 
-    // The simulator subscribes the producer, as Notion does.
+    // The simulator subscribes the producer, as Notion does, once the operator armed it.
+    cli_text(&env, &["webhook", "arm"]).await;
     let configured =
         env.sim_admin("webhooks", json!({"url": format!("{}{HOOK}", api.base)})).await.expect("sim");
     assert!(configured["verification_token"].as_str().is_some_and(|t| t.starts_with("secret_")));
@@ -259,6 +268,21 @@ async fn an_edit_in_notion_reaches_postgresql_through_the_webhook_and_a_storm_co
     // Within one max-wait period (15 s), a storm is served by one run, plus at most one follow-up
     // for events that came while that run was running.
     assert!((1..=2).contains(&storm_runs), "{storm_runs} runs for one storm of {storm_secs:.1} s");
+    let report = env.verify(db).await.expect("verify");
+    assert!(report.is_exact(), "{report:?}");
+
+    // Pages deleted in Notion: only a full run finds those, and the webhook asks for one.
+    let trashed = env.sim_admin("mutate", json!({"database_id": db, "trash": 3})).await.expect("trash");
+    let gone: Vec<String> = serde_json::from_value(trashed["trashed"].clone()).expect("ids");
+    let live = format!(
+        "SELECT count(*) FROM notion_pages WHERE page_id IN ({}) AND deleted_at IS NULL AND NOT in_trash",
+        gone.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",")
+    );
+    until("the deletions to reach PostgreSQL", LONG, || async { env.scalar::<i64>(&live).await == 0 }).await;
+    settle(&env, LONG).await;
+    let full: i64 =
+        env.scalar("SELECT count(*) FROM sync_runs WHERE reason = 'webhook' AND mode = 'full'").await;
+    assert!(full >= 1, "a deleted page asks for a full run");
     let report = env.verify(db).await.expect("verify");
     assert!(report.is_exact(), "{report:?}");
     env.cleanup().await;
