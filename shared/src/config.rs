@@ -312,6 +312,40 @@ pub struct SchedulerSettings {
     /// Cron schedules: occurrences missed (downtime, a run still active) within this long are
     /// served by one catch-up run; older ones are dropped.
     pub misfire_grace_secs: u64,
+    /// Full reconciliations start only in these UTC hours, `start-end` (end excluded; `22-4`
+    /// wraps midnight), except a database's first one. Unset: any hour.
+    pub full_hours: Option<String>,
+}
+
+/// Hours of the day, `start` included and `end` excluded, wrapping midnight when `end < start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HourWindow {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl HourWindow {
+    /// Parses `start-end` (hours 0–24).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (a, b) =
+            text.trim().split_once('-').ok_or_else(|| format!("{text:?} is not start-end, e.g. 1-5"))?;
+        let hour = |t: &str| t.trim().parse::<u32>().ok().filter(|h| *h <= 24);
+        match (hour(a), hour(b)) {
+            (Some(start), Some(end)) if start % 24 != end % 24 => {
+                Ok(Self { start: start % 24, end: end % 24 })
+            }
+            (Some(_), Some(_)) => Err(format!("{text:?} is an empty window")),
+            _ => Err(format!("{text:?} needs hours between 0 and 24")),
+        }
+    }
+
+    pub fn contains(&self, hour: u32) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&hour)
+        } else {
+            hour >= self.start || hour < self.end
+        }
+    }
 }
 
 impl Default for SchedulerSettings {
@@ -324,6 +358,7 @@ impl Default for SchedulerSettings {
             failure_backoff_max_secs: 6 * 3600,
             reap_running_after_secs: 180,
             misfire_grace_secs: 3600,
+            full_hours: None,
         }
     }
 }
@@ -499,6 +534,11 @@ impl Settings {
                 reason: "must be between 1 and 16".into(),
             });
         }
+        if let Some(hours) = &self.scheduler.full_hours
+            && let Err(reason) = HourWindow::parse(hours)
+        {
+            return Err(ConfigError::Invalid { key: "scheduler.full_hours", reason });
+        }
         if self.scheduler.tick_secs == 0 {
             return Err(ConfigError::Invalid {
                 key: "scheduler.tick_secs",
@@ -666,5 +706,28 @@ mod tests {
         s.redis.url = SecretString::from("redis://s1:26379,redis:s2:hunter2@x");
         let err = s.validate().expect_err("an entry without a host");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod hour_window_tests {
+    use super::HourWindow;
+
+    #[test]
+    fn windows_parse_wrap_midnight_and_refuse_nonsense() {
+        let night = HourWindow::parse("1-5").expect("1-5");
+        assert!(night.contains(1) && night.contains(4) && !night.contains(5) && !night.contains(0));
+        let wrap = HourWindow::parse("22-4").expect("22-4");
+        assert!(
+            wrap.contains(23)
+                && wrap.contains(0)
+                && wrap.contains(3)
+                && !wrap.contains(4)
+                && !wrap.contains(12)
+        );
+        assert_eq!(HourWindow::parse("0-24"), Err("\"0-24\" is an empty window".into()));
+        for bad in ["", "5", "a-b", "1-25", "3-3", "-1-4"] {
+            assert!(HourWindow::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

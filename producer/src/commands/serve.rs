@@ -82,11 +82,20 @@ impl FailureBackoff {
     }
 }
 
+/// When and how often full reconciliations run.
+#[derive(Debug, Clone, Copy)]
+pub struct FullPolicy {
+    /// How often; `None` turns them off.
+    pub every: Option<Duration>,
+    /// The UTC hours they may start in (a database's first one starts at any hour).
+    pub hours: Option<syncfleet_shared::config::HourWindow>,
+}
+
 /// What, if anything, to publish for `row` now. `grace` is the cron misfire grace.
 pub fn decide(
     now: DateTime<Utc>,
     row: &DueRow,
-    full_every: Option<Duration>,
+    full: FullPolicy,
     backoff: FailureBackoff,
     grace: Duration,
 ) -> Option<Due> {
@@ -102,7 +111,10 @@ pub fn decide(
     }
     // A due cron occurrence; a full run due at the same time serves it too.
     let occurrence = row.cron.as_ref().and_then(|c| c.latest_due(row.id, row.fired_at, now, grace));
-    if let Some(full_every) = full_every
+    let in_window =
+        row.last_full.is_none() || full.hours.is_none_or(|w| w.contains(chrono::Timelike::hour(&now)));
+    if let Some(full_every) = full.every
+        && in_window
         && older_than(row.last_full, full_every)
     {
         return Some(Due { mode: SyncMode::Full, reason: Reason::Reconcile, occurrence });
@@ -238,6 +250,15 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     let lease_key = format!("{}:scheduler", settings.redis.key_prefix);
     let full_every = Some(Duration::from_secs(settings.scheduler.full_every_secs)).filter(|d| !d.is_zero());
     let grace = Duration::from_secs(settings.scheduler.misfire_grace_secs);
+    // Validated with the settings; an unparsable window would have stopped the process.
+    let full = FullPolicy {
+        every: full_every,
+        hours: settings
+            .scheduler
+            .full_hours
+            .as_deref()
+            .and_then(|h| syncfleet_shared::config::HourWindow::parse(h).ok()),
+    };
     let mut leader: Option<LeaseGuard> = None;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -289,7 +310,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
             healthy &= reaper.run(&db, &publisher, &metrics).await;
             let now = Utc::now();
             for row in &rows {
-                let Some(due) = decide(now, row, full_every, backoff, grace) else { continue };
+                let Some(due) = decide(now, row, full, backoff, grace) else { continue };
                 healthy &= publish_due(&db, &publisher, row, due).await;
             }
         }
@@ -468,14 +489,14 @@ mod tests {
 
     #[test]
     fn a_database_never_synced_gets_a_full_reconciliation_first() {
-        let day = Some(Duration::from_secs(86_400));
+        let day = FullPolicy { every: Some(Duration::from_secs(86_400)), hours: None };
         assert_eq!(decide(Utc::now(), &row(), day, BACKOFF, GRACE), due(SyncMode::Full, Reason::Reconcile));
     }
 
     #[test]
     fn incremental_syncs_follow_the_interval_and_a_running_sync_blocks_both() {
         let now = Utc::now();
-        let day = Some(Duration::from_secs(86_400));
+        let day = FullPolicy { every: Some(Duration::from_secs(86_400)), hours: None };
         let mut r = row();
         r.last_full = Some(now - chrono::Duration::hours(3));
         r.last_enqueued = Some(now - chrono::Duration::seconds(100));
@@ -494,13 +515,33 @@ mod tests {
             None,
             "on-demand databases only get the nightly full"
         );
-        assert_eq!(decide(now, &r, None, BACKOFF, GRACE), None);
+        assert_eq!(decide(now, &r, FullPolicy { every: None, hours: None }, BACKOFF, GRACE), None);
+    }
+
+    #[test]
+    fn full_reconciliations_start_only_in_their_hours_except_the_first() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc);
+        let hours = syncfleet_shared::config::HourWindow::parse("1-5").ok();
+        let night = FullPolicy { every: Some(Duration::from_secs(86_400)), hours };
+        let mut r = row();
+        r.interval = None;
+        // Never reconciled: at once, whatever the hour.
+        assert_eq!(
+            decide(at("2026-11-24T14:00:00Z"), &r, night, BACKOFF, GRACE),
+            due(SyncMode::Full, Reason::Reconcile)
+        );
+        r.last_full = Some(at("2026-11-23T02:00:00Z"));
+        assert_eq!(decide(at("2026-11-24T14:00:00Z"), &r, night, BACKOFF, GRACE), None, "outside 01-05 UTC");
+        assert_eq!(
+            decide(at("2026-11-25T01:10:00Z"), &r, night, BACKOFF, GRACE),
+            due(SyncMode::Full, Reason::Reconcile)
+        );
     }
 
     #[test]
     fn a_cron_schedule_replaces_the_interval_and_a_busy_database_gets_one_catch_up_later() {
         let now = DateTime::parse_from_rfc3339("2026-11-24T11:30:00Z").expect("time").with_timezone(&Utc);
-        let day = Some(Duration::from_secs(86_400));
+        let day = FullPolicy { every: Some(Duration::from_secs(86_400)), hours: None };
         let mut r = row();
         r.last_full = Some(now - chrono::Duration::hours(3));
         r.last_enqueued = Some(now - chrono::Duration::hours(2));
@@ -559,7 +600,7 @@ mod backoff_tests {
             cron: None,
             fired_at: None,
         };
-        let day = Some(Duration::from_secs(86_400));
+        let day = FullPolicy { every: Some(Duration::from_secs(86_400)), hours: None };
         assert_eq!(
             decide(now, &r, day, backoff, GRACE),
             None,
