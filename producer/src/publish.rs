@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sea_orm::ConnectionTrait;
+
 use syncfleet_shared::Settings;
 use syncfleet_shared::amqp::{self, AmqpError, Destination, PublishMeta, Publisher, Topology};
 use syncfleet_shared::config::AmqpSettings;
@@ -196,6 +198,15 @@ impl JobPublisher {
     ) -> Result<JobEnvelope, PublishError> {
         let mut job = JobEnvelope::new(source, data);
         job.id = id;
+        // An earlier publish of this id that the broker refused left the run `failed` without
+        // ever running it: queue it again, or the worker would take the job for a finished one.
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "UPDATE sync_runs SET status = 'queued', error_kind = NULL, error_message = NULL, finished_at = NULL \
+             WHERE id = $1 AND status = 'failed' AND error_kind = 'publish_failed'",
+            [id.into()],
+        ))
+        .await?;
         self.publish_job(db, job).await
     }
 

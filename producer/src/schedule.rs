@@ -38,6 +38,16 @@ pub const MAX_JITTER_SECS: u32 = 86_400;
 const MAX_UPCOMING: usize = 1_000;
 
 impl CronSchedule {
+    /// A new schedule: as [`parse`](Self::parse), and refused when it never fires again.
+    pub fn parse_new(expression: &str, tz: Option<&str>, jitter_secs: u32) -> Result<Self, ScheduleError> {
+        let schedule = Self::parse(expression, tz, jitter_secs)?;
+        if schedule.next_run(Uuid::nil(), Utc::now()).is_none() {
+            return Err(ScheduleError { field: "cron", reason: format!("{expression:?} never fires") });
+        }
+        Ok(schedule)
+    }
+
+    /// A stored or new schedule (one that fired its last occurrence is still a schedule).
     pub fn parse(expression: &str, tz: Option<&str>, jitter_secs: u32) -> Result<Self, ScheduleError> {
         if expression.len() > 200 || expression.contains('\0') {
             return Err(ScheduleError {
@@ -61,10 +71,6 @@ impl CronSchedule {
                 field: "jitter_secs",
                 reason: format!("must be at most {MAX_JITTER_SECS}"),
             });
-        }
-        // An expression that never fires (30 February) is refused now, not silently idle.
-        if cron.find_next_occurrence(&Utc::now().with_timezone(&tz), false).is_err() {
-            return Err(ScheduleError { field: "cron", reason: format!("{expression:?} never fires") });
         }
         Ok(Self { cron, tz, jitter: Duration::from_secs(u64::from(jitter_secs)) })
     }
@@ -91,11 +97,9 @@ impl CronSchedule {
     ) -> Option<DateTime<Utc>> {
         let offset = chrono::Duration::from_std(self.offset(database)).ok()?;
         let grace = chrono::Duration::from_std(grace).ok()?;
-        let due_by = now - offset;
-        let floor = match after {
-            Some(a) => a.max(due_by - grace),
-            None => due_by - grace,
-        };
+        let due_by = now.checked_sub_signed(offset)?;
+        let earliest = due_by.checked_sub_signed(grace).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let floor = after.map_or(earliest, |a| a.max(earliest));
         // The latest occurrence at or before `due_by`, searched backwards (one step).
         let latest = self.cron.find_previous_occurrence(&due_by.with_timezone(&self.tz), true).ok()?;
         let latest = latest.with_timezone(&Utc);
@@ -105,9 +109,9 @@ impl CronSchedule {
     /// When the next run after `now` is due (its occurrence plus the database's offset).
     pub fn next_run(&self, database: Uuid, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let offset = chrono::Duration::from_std(self.offset(database)).ok()?;
-        let from = (now - offset).with_timezone(&self.tz);
+        let from = now.checked_sub_signed(offset)?.with_timezone(&self.tz);
         let next = self.cron.find_next_occurrence(&from, false).ok()?;
-        Some(next.with_timezone(&Utc) + offset)
+        next.with_timezone(&Utc).checked_add_signed(offset)
     }
 
     /// The next `n` run times after `now`.
@@ -144,7 +148,7 @@ mod tests {
     #[test]
     fn bad_expressions_zones_and_jitters_name_their_field() {
         assert_eq!(CronSchedule::parse("not cron", None, 0).unwrap_err().field, "cron");
-        assert_eq!(CronSchedule::parse("0 0 30 2 *", None, 0).unwrap_err().field, "cron");
+        assert_eq!(CronSchedule::parse_new("0 0 30 2 *", None, 0).unwrap_err().field, "cron");
         assert_eq!(CronSchedule::parse("0 * * * *", Some("Mars/Olympus"), 0).unwrap_err().field, "tz");
         assert_eq!(
             CronSchedule::parse("0 * * * *", None, MAX_JITTER_SECS + 1).unwrap_err().field,

@@ -545,6 +545,13 @@ impl Settings {
                 reason: "must be at least 1".into(),
             });
         }
+        let grace = self.scheduler.misfire_grace_secs;
+        if grace < 2 * self.scheduler.tick_secs || grace > 30 * 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "scheduler.misfire_grace_secs",
+                reason: "must be at least two scheduler ticks and at most 30 days".into(),
+            });
+        }
         match url::Url::parse(&self.notion.base_url) {
             Ok(u) if u.has_host() && crate::secret::has_authority(&self.notion.base_url) => {
                 if !u.username().is_empty() || u.password().is_some() {

@@ -29,26 +29,34 @@ pub struct ScheduleArgs {
     /// An incremental sync every this many seconds instead (at least 10).
     #[arg(long)]
     pub interval: Option<u32>,
-    /// No scheduled runs (manual, API and webhook jobs still run).
+    /// Disable the database: no scheduled runs, no full reconciliations, and Notion webhook
+    /// events about it are ignored; jobs asked for by hand or over the API still run. Setting a
+    /// schedule enables it again.
     #[arg(long)]
     pub off: bool,
 }
 
-/// Sets a database's schedule. A cron schedule starts with the next occurrence, not one that
-/// passed before it was set; setting any schedule enables the database.
+/// Sets a database's schedule. A cron schedule starts with the next occurrence that is not yet
+/// due (one whose jitter delay is still running counts as not due), never with one that passed
+/// before it was set; setting any schedule enables the database.
 pub async fn set(settings: &Settings, args: &ScheduleArgs) -> anyhow::Result<()> {
     let id = model::parse_id(&args.id).map_err(|e| anyhow!("id: {e}"))?;
     let db = syncfleet_shared::db::connect(&settings.database).await?;
     let (sql, values): (&str, Vec<sea_orm::Value>) = if let Some(expression) = &args.cron {
-        CronSchedule::parse(expression, args.tz.as_deref(), args.jitter_secs)?;
+        let schedule = CronSchedule::parse_new(expression, args.tz.as_deref(), args.jitter_secs)?;
+        // The latest occurrence already due counts as served; without one in a year, now does.
+        let now = Utc::now();
+        let served =
+            schedule.latest_due(id, None, now, std::time::Duration::from_secs(366 * 86_400)).unwrap_or(now);
         (
             "UPDATE notion_databases SET schedule_cron = $2, schedule_tz = $3, schedule_jitter_secs = $4, \
-                 schedule_fired_at = now(), enabled = true, updated_at = now() WHERE id = $1",
+                 schedule_fired_at = $5, enabled = true, updated_at = now() WHERE id = $1",
             vec![
                 id.into(),
                 expression.trim().to_string().into(),
                 args.tz.clone().unwrap_or_else(|| "UTC".into()).into(),
                 (args.jitter_secs as i32).into(),
+                served.into(),
             ],
         )
     } else if let Some(secs) = args.interval {

@@ -52,6 +52,9 @@ pub struct DueRow {
     pub last_failure: Option<DateTime<Utc>>,
     /// The cron schedule, which replaces the interval when set.
     pub cron: Option<crate::schedule::CronSchedule>,
+    /// A cron schedule is stored but cannot be read (edited by hand): no scheduled runs, rather
+    /// than silently falling back to an interval.
+    pub cron_invalid: bool,
     /// The last cron occurrence enqueued.
     pub fired_at: Option<DateTime<Utc>>,
 }
@@ -118,6 +121,9 @@ pub fn decide(
         && older_than(row.last_full, full_every)
     {
         return Some(Due { mode: SyncMode::Full, reason: Reason::Reconcile, occurrence });
+    }
+    if row.cron_invalid {
+        return None;
     }
     if row.cron.is_some() {
         return occurrence.map(|o| Due {
@@ -186,11 +192,14 @@ async fn load(db: &DatabaseConnection, default_interval_secs: u64) -> Result<Vec
             let expression: Option<String> = r.try_get("", "schedule_cron")?;
             let tz: Option<String> = r.try_get("", "schedule_tz")?;
             let jitter: i32 = r.try_get("", "schedule_jitter_secs")?;
-            let cron = expression.and_then(|e| {
-                crate::schedule::CronSchedule::parse(&e, tz.as_deref(), jitter.max(0) as u32)
-                    .inspect_err(|err| tracing::error!(database = %id, error = %err, "A stored cron schedule is invalid; the database is not scheduled by it."))
-                    .ok()
+            let parsed = expression.as_deref().map(|e| {
+                crate::schedule::CronSchedule::parse(e, tz.as_deref(), jitter.clamp(0, i32::MAX) as u32)
             });
+            let cron_invalid = matches!(parsed, Some(Err(_)));
+            if let Some(Err(err)) = &parsed {
+                warn_once(id, &err.to_string());
+            }
+            let cron = parsed.and_then(Result::ok);
             Ok(DueRow {
                 id,
                 integration: r.try_get("", "integration")?,
@@ -204,10 +213,22 @@ async fn load(db: &DatabaseConnection, default_interval_secs: u64) -> Result<Vec
                 failures: r.try_get::<i32>("", "failures")?.max(0) as u32,
                 last_failure: r.try_get("", "last_failure")?,
                 cron,
+                cron_invalid,
                 fired_at: r.try_get("", "schedule_fired_at")?,
             })
         })
         .collect()
+}
+
+/// Logs an invalid stored schedule once per database and error, not every tick.
+fn warn_once(database: Uuid, error: &str) {
+    static SEEN: std::sync::Mutex<Option<std::collections::HashSet<(Uuid, String)>>> =
+        std::sync::Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.get_or_insert_with(Default::default).insert((database, error.to_string())) {
+        tracing::error!(database = %database, error = %error,
+            "A stored cron schedule cannot be read; the database gets no scheduled runs until it is set again.");
+    }
 }
 
 /// Runs until `shutdown` resolves.
@@ -474,6 +495,7 @@ mod tests {
             failures: 0,
             last_failure: None,
             cron: None,
+            cron_invalid: false,
             fired_at: None,
         }
     }
@@ -558,6 +580,11 @@ mod tests {
             decide(now, &r, day, BACKOFF, GRACE),
             Some(Due { mode: SyncMode::Incremental, reason: Reason::Schedule, occurrence: Some(eleven) })
         );
+        // A stored schedule that cannot be read schedules nothing (no fallback to the interval).
+        let mut broken = r.clone();
+        broken.cron = None;
+        broken.cron_invalid = true;
+        assert_eq!(decide(now, &broken, day, BACKOFF, GRACE), None);
         // A full run due at the same time serves the occurrence too.
         r.last_full = Some(now - chrono::Duration::hours(25));
         assert_eq!(
@@ -598,6 +625,7 @@ mod backoff_tests {
             failures: 3,
             last_failure: Some(now - chrono::Duration::seconds(100)),
             cron: None,
+            cron_invalid: false,
             fired_at: None,
         };
         let day = FullPolicy { every: Some(Duration::from_secs(86_400)), hours: None };

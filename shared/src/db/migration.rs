@@ -411,8 +411,10 @@ sql_migration! {
     up: r#"
 ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_cron text;
 ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_tz text;
-ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_jitter_secs integer NOT NULL DEFAULT 0;
-ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_fired_at timestamptz;
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_jitter_secs integer NOT NULL DEFAULT 0
+    CHECK (schedule_jitter_secs BETWEEN 0 AND 86400);
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_fired_at timestamptz
+    CHECK (schedule_fired_at IS NULL OR isfinite(schedule_fired_at));
 "#,
     down: "ALTER TABLE notion_databases DROP COLUMN IF EXISTS schedule_cron, \
         DROP COLUMN IF EXISTS schedule_tz, DROP COLUMN IF EXISTS schedule_jitter_secs, \
