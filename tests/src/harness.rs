@@ -613,6 +613,25 @@ fn log_file(name: &str) -> anyhow::Result<std::fs::File> {
     Ok(std::fs::OpenOptions::new().create(true).append(true).open(log_path(name))?)
 }
 
+/// A job for `database_id` of `integration` (reason `manual`, normal priority), as a test builds
+/// one to record or publish itself.
+pub fn job(
+    integration: &str,
+    database_id: Uuid,
+    mode: syncfleet_shared::job::SyncMode,
+) -> syncfleet_shared::job::JobEnvelope {
+    syncfleet_shared::job::JobEnvelope::new(
+        "urn:test",
+        syncfleet_shared::job::SyncDatabaseJob {
+            integration: integration.into(),
+            database_id,
+            mode,
+            priority: Default::default(),
+            reason: Default::default(),
+        },
+    )
+}
+
 /// Path of a workspace binary next to the running test executable (`target/<profile>/`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

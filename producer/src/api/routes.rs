@@ -49,9 +49,9 @@ pub struct JobAccepted {
     /// Server-Sent Events of the run's progress.
     pub events_url: String,
     /// Whether RabbitMQ confirmed the publish. `false`: the message was sent but its confirm
-    /// never came, so the job may or may not run; its run stays `queued` with the error kind
-    /// `publish_unconfirmed` (watch it, or reap it as the scheduler does). Do not publish the
-    /// same request again blindly: that could run it twice.
+    /// never came; the run stays `queued` with the error kind `publish_unconfirmed` until
+    /// `serve`'s leader publishes it again under the same id, so it runs once either way. Do
+    /// not publish the same request again: that would be a second job.
     pub confirmed: bool,
 }
 

@@ -409,6 +409,9 @@ struct Reaper {
     retrying: Duration,
     /// A rerun request pending this long with no run to serve it is published here.
     stranded: Duration,
+    /// A publish left unconfirmed this long without its run starting is published again, under
+    /// the same job id (a second delivery of one run id is still one run).
+    unconfirmed: Duration,
 }
 
 impl Reaper {
@@ -425,12 +428,14 @@ impl Reaper {
             running: Duration::from_secs(settings.scheduler.reap_running_after_secs).max(lease * 2),
             retrying: longest_tier + Duration::from_secs(300),
             stranded: lease * 2 + Duration::from_secs(settings.scheduler.tick_secs),
+            unconfirmed: Duration::from_secs(settings.amqp.confirm_timeout_secs.saturating_mul(3))
+                .max(Duration::from_secs(30)),
         }
     }
 
     /// Returns whether everything it needed to do worked.
     async fn run(&self, db: &DatabaseConnection, publisher: &JobPublisher, metrics: &Metrics) -> bool {
-        let mut ok = true;
+        let mut ok = self.republish_unconfirmed(db, publisher).await;
         match runs::reap(db, self.running, self.retrying).await {
             Ok(0) => {}
             Ok(n) => {
@@ -470,6 +475,49 @@ impl Reaper {
                 Err(e) => {
                     ok = false;
                     tracing::warn!(error = %e, database = %database_id, "Could not publish a pending rerun request.");
+                }
+            }
+        }
+        ok
+    }
+
+    /// The message of an unconfirmed publish may never have reached the queue: publish it again
+    /// under its own id. If the first one did arrive, the worker runs the run once and acks the
+    /// other delivery as a finished run's.
+    async fn republish_unconfirmed(&self, db: &DatabaseConnection, publisher: &JobPublisher) -> bool {
+        let stuck = match runs::unconfirmed(db, self.unconfirmed).await {
+            Ok(stuck) => stuck,
+            Err(e) => {
+                tracing::warn!(error = %e, "The reaper could not read unconfirmed publishes.");
+                return false;
+            }
+        };
+        let mut ok = true;
+        for run in stuck {
+            let mode = serde_json::from_value::<SyncMode>(serde_json::Value::String(run.mode.clone()));
+            let reason = serde_json::from_value::<Reason>(serde_json::Value::String(run.reason.clone()));
+            let (Ok(mode), Ok(reason)) = (mode, reason) else {
+                tracing::warn!(run = %run.id, "An unconfirmed run has an unknown mode or reason; not published again.");
+                continue;
+            };
+            let data = SyncDatabaseJob {
+                integration: run.integration.clone(),
+                database_id: run.database_id,
+                mode,
+                priority: Priority::Normal,
+                reason,
+            };
+            match publisher.publish_as(db, "urn:syncfleet:scheduler", data, run.id).await {
+                Ok(_) => {
+                    tracing::info!(run = %run.id, "Published an unconfirmed job again; it is confirmed now.");
+                    if let Err(e) = runs::confirmed(db, run.id).await {
+                        ok = false;
+                        tracing::warn!(run = %run.id, error = %e, "Could not clear the unconfirmed mark; it is published once more.");
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(run = %run.id, error = %e, "Could not publish an unconfirmed job again.");
                 }
             }
         }

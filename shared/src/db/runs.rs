@@ -379,6 +379,56 @@ pub async fn heartbeat<C: ConnectionTrait>(conn: &C, run_id: Uuid, fence: i64) -
 /// with an unconfirmed publish for `retrying` too (the broker most likely never took it). Their
 /// databases are then no longer "active" for the scheduler; a redelivered message still
 /// resumes such a run. Returns how many were reaped.
+/// A run whose publish was never confirmed and that has not started since.
+#[derive(Debug, Clone)]
+pub struct Unconfirmed {
+    pub id: Uuid,
+    pub database_id: Uuid,
+    pub integration: String,
+    pub mode: String,
+    pub reason: String,
+}
+
+/// Runs still `queued` with `publish_unconfirmed` this long after their last publish.
+pub async fn unconfirmed<C: ConnectionTrait>(
+    conn: &C,
+    older_than: std::time::Duration,
+) -> Result<Vec<Unconfirmed>, DbErr> {
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT id, database_id, integration, mode, reason FROM sync_runs \
+             WHERE status = 'queued' AND error_kind = 'publish_unconfirmed' \
+               AND COALESCE(heartbeat_at, enqueued_at) < now() - make_interval(secs => $1) \
+             ORDER BY enqueued_at LIMIT 100",
+            [older_than.as_secs_f64().into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Unconfirmed {
+                id: r.try_get("", "id")?,
+                database_id: r.try_get("", "database_id")?,
+                integration: r.try_get("", "integration")?,
+                mode: r.try_get("", "mode")?,
+                reason: r.try_get("", "reason")?,
+            })
+        })
+        .collect()
+}
+
+/// Clears the unconfirmed mark of a run published again with a confirm (if it has not moved on).
+pub async fn confirmed<C: ConnectionTrait>(conn: &C, id: Uuid) -> Result<(), DbErr> {
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE sync_runs SET error_kind = NULL, error_message = NULL \
+         WHERE id = $1 AND status = 'queued' AND error_kind = 'publish_unconfirmed'",
+        [id.into()],
+    ))
+    .await
+    .map(|_| ())
+}
+
 pub async fn reap<C: ConnectionTrait>(
     conn: &C,
     running: std::time::Duration,

@@ -942,7 +942,8 @@ async fn a_publish_whose_confirm_never_comes_is_a_202_with_its_job_id_and_the_jo
     assert_eq!(run["error"]["kind"], "publish_unconfirmed", "{run}");
     drop(thaw);
 
-    // The message had left the producer: once the broker runs again, the job runs, exactly once.
+    // Once the broker runs again, the job runs exactly once: from the message that had left the
+    // producer, or, if the broker lost it, from the leader's republish under the same id.
     let run = api.wait_final(&id, Duration::from_secs(180)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     let runs: i64 = env.scalar("SELECT count(*) FROM sync_runs").await;
@@ -963,18 +964,7 @@ async fn past_half_a_notify_queue_run_writes_still_commit_unannounced_and_watche
     let db = env.register("acme", 50.0, 10, 0).await.expect("register");
     let api = Api::start(&mut env).await;
     let url = env.settings.database.url.expose_secret().to_string();
-    let job = |db| {
-        syncfleet_shared::job::JobEnvelope::new(
-            "urn:test",
-            syncfleet_shared::job::SyncDatabaseJob {
-                integration: "acme".into(),
-                database_id: db,
-                mode: syncfleet_shared::job::SyncMode::Full,
-                priority: Default::default(),
-                reason: Default::default(),
-            },
-        )
-    };
+    let job = |db| syncfleet_tests::harness::job("acme", db, syncfleet_shared::job::SyncMode::Full);
     let (watched, other) = (job(db), job(db));
     for j in [&watched, &other] {
         syncfleet_shared::db::runs::insert_queued(&env.db, j).await.expect("insert");

@@ -144,3 +144,35 @@ async fn a_backend_crash_mid_run_loses_no_page_although_unflushed_commits_are_dr
     env.cleanup().await;
     drop(pg);
 }
+
+#[tokio::test]
+async fn an_unconfirmed_publish_whose_message_the_broker_lost_is_published_again_under_its_id_and_runs_once()
+{
+    let mut env = TestEnv::start(SimConfig { pages: 50, ..SimConfig::default() }).await.expect("env");
+    let db = env.register("acme", 30.0, 5, 0).await.expect("register");
+    // A run whose publish was sent 40 s ago but never confirmed, and whose message the broker
+    // never kept: nothing is in the queue for it.
+    let mut job = syncfleet_tests::harness::job("acme", db, SyncMode::Full);
+    job.data.reason = syncfleet_shared::job::Reason::Api;
+    syncfleet_shared::db::runs::insert_queued(&env.db, &job).await.expect("insert");
+    env.execute(&format!(
+        "UPDATE sync_runs SET error_kind = 'publish_unconfirmed', error_message = 'RabbitMQ did not confirm', \
+             enqueued_at = now() - interval '40 seconds', heartbeat_at = now() - interval '40 seconds' WHERE id = '{}'",
+        job.id
+    ))
+    .await
+    .expect("age it");
+    let scheduler =
+        [SCHEDULER[0], ("SYNCFLEET_SCHEDULER__DEFAULT_INTERVAL_SECS", "0"), SCHEDULER[2], SCHEDULER[3]];
+    env.spawn_producer(&[], &scheduler).expect("serve");
+    env.spawn_worker(1).expect("worker");
+    let done = env.wait_run(job.id, LONG).await.expect("the run is published again and runs");
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert_eq!(done.reason, "api", "published again as what it was");
+    let runs: i64 = env.scalar("SELECT count(*) FROM sync_runs").await;
+    assert_eq!(runs, 1, "the same run, not a new one");
+    assert!(env.log().contains("Published an unconfirmed job again"), "{}", env.log_tail());
+    let report = env.verify(db).await.expect("verify");
+    assert!(report.is_exact(), "{report:?}");
+    env.cleanup().await;
+}
