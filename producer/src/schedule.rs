@@ -131,6 +131,57 @@ impl CronSchedule {
     }
 }
 
+/// Why a schedule could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Invalid(#[from] ScheduleError),
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] sea_orm::DbErr),
+}
+
+/// Gives `database` a cron schedule (validated as a new one) and enables it; returns false when
+/// no such database is registered. The latest occurrence already due counts as served, so the
+/// schedule starts with the next one (or with one whose jitter delay is still running).
+pub async fn store<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    database: Uuid,
+    expression: &str,
+    tz: Option<&str>,
+    jitter_secs: u32,
+) -> Result<bool, StoreError> {
+    let schedule = CronSchedule::parse_new(expression, tz, jitter_secs)?;
+    let now = Utc::now();
+    let served = schedule.latest_due(database, None, now, Duration::from_secs(366 * 86_400)).unwrap_or(now);
+    let changed = db
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "UPDATE notion_databases SET schedule_cron = $2, schedule_tz = $3, schedule_jitter_secs = $4, \
+                 schedule_fired_at = $5, enabled = true, updated_at = now() WHERE id = $1",
+            [
+                database.into(),
+                expression.trim().to_string().into(),
+                tz.filter(|t| !t.is_empty()).unwrap_or("UTC").to_string().into(),
+                (jitter_secs.min(MAX_JITTER_SECS) as i32).into(),
+                served.into(),
+            ],
+        ))
+        .await?;
+    Ok(changed.rows_affected() == 1)
+}
+
+/// Removes `database`'s cron schedule (its interval applies again).
+pub async fn clear<C: sea_orm::ConnectionTrait>(db: &C, database: Uuid) -> Result<(), sea_orm::DbErr> {
+    db.execute_raw(sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "UPDATE notion_databases SET schedule_cron = NULL, schedule_tz = NULL, schedule_jitter_secs = 0, \
+             updated_at = now() WHERE id = $1",
+        [database.into()],
+    ))
+    .await
+    .map(|_| ())
+}
+
 /// The job id of `database`'s run for the occurrence `at`: the same on every producer, so a
 /// duplicate publish of one occurrence is one run.
 pub fn occurrence_job_id(database: Uuid, at: DateTime<Utc>) -> Uuid {

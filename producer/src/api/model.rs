@@ -404,8 +404,13 @@ pub struct Database {
     pub slug: String,
     /// Disabled databases are not scheduled.
     pub enabled: bool,
-    /// Seconds between scheduled incremental syncs (`null`: the default interval).
+    /// Seconds between scheduled incremental syncs (`null`: the default interval); a cron
+    /// schedule, when set, replaces it.
     pub interval_secs: Option<i32>,
+    /// The cron schedule, its IANA time zone and jitter, when the database has one.
+    pub cron: Option<String>,
+    pub tz: Option<String>,
+    pub jitter_secs: i32,
     /// Per-property view rules, by property id.
     #[schema(value_type = Object)]
     pub mapping: serde_json::Value,
@@ -420,6 +425,7 @@ pub struct Database {
 
 const DATABASE_SELECT: &str = r#"
 SELECT d.id, d.title, d.integration, d.data_source_id, d.slug, d.enabled, d.sync_interval_secs, d.mapping,
+       d.schedule_cron, d.schedule_tz, d.schedule_jitter_secs,
        d.last_success_at, d.watermark, d.view_error,
        (SELECT count(*) FROM notion_pages p WHERE p.database_id = d.id AND p.deleted_at IS NULL) AS pages,
        (SELECT r.id FROM sync_runs r WHERE r.database_id = d.id ORDER BY r.enqueued_at DESC LIMIT 1) AS last_run
@@ -435,6 +441,9 @@ struct DatabaseRow {
     slug: String,
     enabled: bool,
     sync_interval_secs: Option<i32>,
+    schedule_cron: Option<String>,
+    schedule_tz: Option<String>,
+    schedule_jitter_secs: i32,
     mapping: serde_json::Value,
     last_success_at: Option<DateTime<Utc>>,
     watermark: Option<DateTime<Utc>>,
@@ -468,6 +477,9 @@ async fn databases_where(
             slug: r.slug,
             enabled: r.enabled,
             interval_secs: r.sync_interval_secs,
+            cron: r.schedule_cron,
+            tz: r.schedule_tz,
+            jitter_secs: r.schedule_jitter_secs,
             mapping: r.mapping,
             pages: r.pages,
             last_success_at: r.last_success_at,
@@ -511,6 +523,16 @@ pub struct UpdateDatabase {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u32>, minimum = 10, maximum = 2_592_000, nullable)]
     pub interval_secs: Option<Option<u32>>,
+    /// A cron expression (5 or 6 fields, or `@hourly`…) that replaces the interval; `null`
+    /// removes it. Setting one enables the database.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, nullable)]
+    pub cron: Option<Option<String>>,
+    /// The IANA time zone `cron` is read in (default UTC); only with `cron`.
+    pub tz: Option<String>,
+    /// Spread runs up to this many seconds after each occurrence (0 – 86,400); only with `cron`.
+    #[schema(maximum = 86_400)]
+    pub jitter_secs: Option<u32>,
     pub enabled: Option<bool>,
     /// The whole mapping (`{"properties": {"<name or id>": {"column": …, "skip": …,
     /// "transform": …, "required": …}}}`), checked against the stored schema.
@@ -535,6 +557,20 @@ pub async fn update_database(
     use syncfleet_shared::db::entities::notion_database;
     use syncfleet_shared::mapping::Mapping;
     let Some(model) = notion_database::Entity::find_by_id(id).one(db).await? else { return Ok(Ok(None)) };
+    let cron = patch.cron.as_ref().and_then(|c| c.as_deref());
+    if cron.is_none() && (patch.tz.is_some() || patch.jitter_secs.is_some()) {
+        let field = if patch.tz.is_some() { "tz" } else { "jitter_secs" };
+        return Ok(Err(FieldError { field, message: "is only accepted with a cron expression".into() }));
+    }
+    if let Some(expression) = cron
+        && let Err(e) = crate::schedule::CronSchedule::parse_new(
+            expression,
+            patch.tz.as_deref(),
+            patch.jitter_secs.unwrap_or(0),
+        )
+    {
+        return Ok(Err(FieldError { field: e.field, message: e.reason }));
+    }
     if let Some(Some(secs)) = patch.interval_secs
         && !INTERVAL_RANGE.contains(&secs)
     {
@@ -550,6 +586,28 @@ pub async fn update_database(
             Err(e) => return Ok(Err(FieldError { field: "mapping", message: e.to_string() })),
         },
     };
+    // The cron schedule first: it enables the database, and an `enabled` in the same patch wins.
+    match (&patch.cron, cron) {
+        (_, Some(expression)) => {
+            match crate::schedule::store(
+                db,
+                id,
+                expression,
+                patch.tz.as_deref(),
+                patch.jitter_secs.unwrap_or(0),
+            )
+            .await
+            {
+                Ok(_) => {}
+                Err(crate::schedule::StoreError::Invalid(e)) => {
+                    return Ok(Err(FieldError { field: e.field, message: e.reason }));
+                }
+                Err(crate::schedule::StoreError::Db(e)) => return Err(e),
+            }
+        }
+        (Some(None), None) => crate::schedule::clear(db, id).await?,
+        _ => {}
+    }
     let mut active = model.into_active_model();
     if let Some(interval) = patch.interval_secs {
         active.sync_interval_secs = Set(interval.map(|s| s as i32));

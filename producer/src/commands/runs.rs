@@ -417,6 +417,10 @@ pub async fn update_database(settings: &Settings, args: &UpdateArgs) -> anyhow::
             None
         },
         mapping,
+        // Cron schedules are set with `database schedule`.
+        cron: None,
+        tz: None,
+        jitter_secs: None,
     };
     let db = syncfleet_shared::db::connect(&settings.database).await?;
     let d = model::update_database(&db, id, &patch)

@@ -42,37 +42,27 @@ pub struct ScheduleArgs {
 pub async fn set(settings: &Settings, args: &ScheduleArgs) -> anyhow::Result<()> {
     let id = model::parse_id(&args.id).map_err(|e| anyhow!("id: {e}"))?;
     let db = syncfleet_shared::db::connect(&settings.database).await?;
-    let (sql, values): (&str, Vec<sea_orm::Value>) = if let Some(expression) = &args.cron {
-        let schedule = CronSchedule::parse_new(expression, args.tz.as_deref(), args.jitter_secs)?;
-        // The latest occurrence already due counts as served; without one in a year, now does.
-        let now = Utc::now();
-        let served =
-            schedule.latest_due(id, None, now, std::time::Duration::from_secs(366 * 86_400)).unwrap_or(now);
-        (
-            "UPDATE notion_databases SET schedule_cron = $2, schedule_tz = $3, schedule_jitter_secs = $4, \
-                 schedule_fired_at = $5, enabled = true, updated_at = now() WHERE id = $1",
-            vec![
-                id.into(),
-                expression.trim().to_string().into(),
-                args.tz.clone().unwrap_or_else(|| "UTC".into()).into(),
-                (args.jitter_secs as i32).into(),
-                served.into(),
-            ],
-        )
-    } else if let Some(secs) = args.interval {
-        if !(10..=30 * 86_400).contains(&secs) {
-            bail!("interval: must be between 10 and 2592000 seconds");
-        }
-        (
-            "UPDATE notion_databases SET schedule_cron = NULL, schedule_tz = NULL, schedule_jitter_secs = 0, \
-                 sync_interval_secs = $2, enabled = true, updated_at = now() WHERE id = $1",
-            vec![id.into(), (secs as i32).into()],
-        )
+    let found = if let Some(expression) = &args.cron {
+        crate::schedule::store(&db, id, expression, args.tz.as_deref(), args.jitter_secs).await?
     } else {
-        ("UPDATE notion_databases SET enabled = false, updated_at = now() WHERE id = $1", vec![id.into()])
+        let (sql, values): (&str, Vec<sea_orm::Value>) = if let Some(secs) = args.interval {
+            if !(10..=30 * 86_400).contains(&secs) {
+                bail!("interval: must be between 10 and 2592000 seconds");
+            }
+            (
+                "UPDATE notion_databases SET schedule_cron = NULL, schedule_tz = NULL, schedule_jitter_secs = 0, \
+                     sync_interval_secs = $2, enabled = true, updated_at = now() WHERE id = $1",
+                vec![id.into(), (secs as i32).into()],
+            )
+        } else {
+            ("UPDATE notion_databases SET enabled = false, updated_at = now() WHERE id = $1", vec![id.into()])
+        };
+        db.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values))
+            .await?
+            .rows_affected()
+            == 1
     };
-    let changed = db.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
-    if changed.rows_affected() == 0 {
+    if !found {
         bail!("database {id} is not registered");
     }
     let listed = list_rows(settings, &db, Utc::now(), 3).await?;

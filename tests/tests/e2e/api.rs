@@ -364,6 +364,31 @@ async fn the_api_authenticates_validates_and_runs_a_job_whose_status_matches_syn
     assert_eq!((patched["enabled"].clone(), patched["interval_secs"].clone()), (json!(false), Value::Null));
     let enabled: bool = env.scalar(&format!("SELECT enabled FROM notion_databases WHERE id = '{db}'")).await;
     assert!(!enabled);
+    // A cron schedule over the API: validated field by field, shown, and removed with null.
+    let path = format!("/v1/databases/{db}");
+    assert_field(&api.patch(&path, json!({"cron": "not cron"})).await, "cron", "cron");
+    assert_field(&api.patch(&path, json!({"cron": "0 * * * *", "tz": "Mars/Base"})).await, "tz", "tz");
+    assert_field(&api.patch(&path, json!({"tz": "UTC"})).await, "tz", "tz without cron");
+    assert_field(
+        &api.patch(&path, json!({"cron": "0 * * * *", "jitter_secs": 90_000})).await,
+        "jitter_secs",
+        "jitter",
+    );
+    let (status, cron) = api
+        .patch(&path, json!({"cron": "0 3 * * *", "tz": "Europe/Paris", "jitter_secs": 60, "enabled": false}))
+        .await;
+    assert_eq!(status, 200, "{cron}");
+    assert_eq!(
+        (cron["cron"].clone(), cron["tz"].clone(), cron["jitter_secs"].clone(), cron["enabled"].clone()),
+        (json!("0 3 * * *"), json!("Europe/Paris"), json!(60), json!(false)),
+        "an `enabled` in the same patch wins: {cron}"
+    );
+    let (_, cleared) = api.patch(&path, json!({"cron": null})).await;
+    assert_eq!(
+        (cleared["cron"].clone(), cleared["jitter_secs"].clone()),
+        (Value::Null, json!(0)),
+        "{cleared}"
+    );
 
     // The overview the status page reads.
     let (status, overview) = api.get("/v1/overview").await;
