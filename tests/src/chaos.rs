@@ -148,10 +148,6 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
     }
     let worker_env =
         [("SYNCFLEET_NOTIFY__WEBHOOK_URL", hook.as_str()), ("SYNCFLEET_WORKER__LEASE_SECS", "5")];
-    let mut workers: Vec<u32> = Vec::new();
-    for _ in 0..WORKERS {
-        workers.push(env.spawn_worker_with(2, &[], &worker_env)?);
-    }
     let scheduler = [
         ("SYNCFLEET_SCHEDULER__TICK_SECS", "1"),
         ("SYNCFLEET_SCHEDULER__DEFAULT_INTERVAL_SECS", "4"),
@@ -159,7 +155,16 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
         ("SYNCFLEET_SCHEDULER__FAILURE_BACKOFF_SECS", "600"),
         ("SYNCFLEET_SCHEDULER__REAP_RUNNING_AFTER_SECS", "15"),
     ];
-    let mut producer = env.spawn_producer(&[], &scheduler)?;
+    let mut fleet = Fleet {
+        workers: Vec::new(),
+        producer: env.spawn_producer(&[], &scheduler)?,
+        expected: HashSet::new(),
+        restarts: 0,
+        unexpected: 0,
+        worker_env,
+        scheduler,
+    };
+    fleet.supervise(&mut env, &progress)?;
     progress("fleet started; faults begin");
     env.sim_admin(
         "config",
@@ -169,12 +174,6 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
     .await?;
 
     let mut faults: Vec<(String, DateTime<Utc>)> = Vec::new();
-    let mut restarts = 0usize;
-    // Processes this run made exit (kill -9, a RabbitMQ restart): their exit is planned whenever
-    // it comes (a worker that lost RabbitMQ drains its jobs first, which can outlast the fault
-    // loop). Any other exit is unexpected and is printed with its role and code.
-    let mut expected: HashSet<u32> = HashSet::new();
-    let mut unexpected = 0usize;
     let mut malformed = 0usize;
     let plan: Vec<(u64, &str)> = vec![
         (3, "kill9_1"),
@@ -203,9 +202,9 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
             let at = Utc::now();
             match fault {
                 f if f.starts_with("kill9") => {
-                    if let Some(pid) = workers.pop() {
+                    if let Some(pid) = fleet.workers.pop() {
                         env.signal_worker(pid, Signal::SIGKILL)?;
-                        expected.insert(pid);
+                        fleet.expected.insert(pid);
                     }
                 }
                 "malformed" => malformed += publish_malformed(&env).await?,
@@ -225,26 +224,13 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
                 "rabbitmq_restart" => {
                     rabbit.restart().await?;
                     // Every worker loses its connection and exits (serve reconnects instead).
-                    expected.extend(workers.iter().copied());
+                    fleet.expected.extend(fleet.workers.iter().copied());
                 }
                 _ => {}
             }
             faults.push((fault.to_string(), at));
         }
-        // The supervisor: restart whatever exited.
-        for (pid, code) in env.take_exited() {
-            restarts += 1;
-            unexpected +=
-                usize::from(!exit_was_planned(&mut expected, pid, pid == producer, code, &progress));
-            if pid == producer {
-                producer = env.spawn_producer(&[], &scheduler)?;
-            } else {
-                workers.retain(|p| *p != pid);
-            }
-        }
-        while workers.len() < WORKERS {
-            workers.push(env.spawn_worker_with(2, &[], &worker_env)?);
-        }
+        fleet.supervise(&mut env, &progress)?;
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     // Calm: no more faults; every database gets a last full reconciliation.
@@ -262,17 +248,7 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
         finals.push(enqueue_with_retry(&env, *db, deadline).await?);
     }
     loop {
-        for (pid, code) in env.take_exited() {
-            restarts += 1;
-            unexpected +=
-                usize::from(!exit_was_planned(&mut expected, pid, pid == producer, code, &progress));
-            if pid == producer {
-                producer = env.spawn_producer(&[], &scheduler)?;
-            } else {
-                workers.retain(|p| *p != pid);
-                workers.push(env.spawn_worker_with(2, &[], &worker_env)?);
-            }
-        }
+        fleet.supervise(&mut env, &progress)?;
         let pending_finals = scalar(
             &env,
             &format!(
@@ -306,8 +282,8 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
     }
     let mut report = ChaosReport {
         malformed_published: malformed,
-        worker_restarts: restarts,
-        unexpected_exits: unexpected,
+        worker_restarts: fleet.restarts,
+        unexpected_exits: fleet.unexpected,
         ..ChaosReport::default()
     };
     report.jobs_total = scalar(&env, "SELECT count(*) FROM sync_runs").await?;
@@ -385,7 +361,7 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
             eprintln!("chaos: left nonterminal: {}", row.try_get_by_index::<String>(0)?);
         }
     }
-    if unexpected > 0 {
+    if fleet.unexpected > 0 {
         // Why they exited: each process's last words are in the shared log.
         for line in env.log().lines().filter(|l| is_exit_cause(l)) {
             eprintln!("chaos: log: {line}");
@@ -396,21 +372,43 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
     Ok(report)
 }
 
-/// Whether `pid`'s exit was one this run caused; an unplanned one is printed.
-fn exit_was_planned(
-    expected: &mut HashSet<u32>,
-    pid: u32,
-    is_producer: bool,
-    code: Option<i32>,
-    progress: &impl Fn(&str),
-) -> bool {
-    let planned = expected.remove(&pid);
-    if !planned {
-        let role = if is_producer { "producer" } else { "worker" };
-        let code = code.map_or_else(|| "a signal".to_string(), |c| format!("code {c}"));
-        progress(&format!("unexpected exit: {role} pid {pid} ({code})"));
+/// The run's processes, restarted when they exit, and which exits the run caused.
+struct Fleet<'a> {
+    workers: Vec<u32>,
+    producer: u32,
+    /// Processes this run made exit (kill -9, a RabbitMQ restart): their exit is planned
+    /// whenever it comes (a worker that lost RabbitMQ drains its jobs first, which can outlast
+    /// the fault loop). Any other exit is unexpected and is printed with its role and code.
+    expected: HashSet<u32>,
+    restarts: usize,
+    unexpected: usize,
+    worker_env: [(&'a str, &'a str); 2],
+    scheduler: [(&'a str, &'a str); 5],
+}
+
+impl Fleet<'_> {
+    /// Restarts whatever exited and brings the workers back to [`WORKERS`].
+    fn supervise(&mut self, env: &mut TestEnv, progress: &impl Fn(&str)) -> anyhow::Result<()> {
+        for (pid, code) in env.take_exited() {
+            self.restarts += 1;
+            let is_producer = pid == self.producer;
+            if !self.expected.remove(&pid) {
+                self.unexpected += 1;
+                let role = if is_producer { "producer" } else { "worker" };
+                let code = code.map_or_else(|| "a signal".to_string(), |c| format!("code {c}"));
+                progress(&format!("unexpected exit: {role} pid {pid} ({code})"));
+            }
+            if is_producer {
+                self.producer = env.spawn_producer(&[], &self.scheduler)?;
+            } else {
+                self.workers.retain(|p| *p != pid);
+            }
+        }
+        while self.workers.len() < WORKERS {
+            self.workers.push(env.spawn_worker_with(2, &[], &self.worker_env)?);
+        }
+        Ok(())
     }
-    planned
 }
 
 /// A log line that says why a process stopped.
