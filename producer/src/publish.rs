@@ -62,6 +62,19 @@ pub enum PublishError {
     Db(#[from] sea_orm::DbErr),
 }
 
+/// Messages waiting in RabbitMQ, by queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueCounts {
+    /// Ready in `<prefix>.jobs`.
+    pub ready: u32,
+    /// Ready in `<prefix>.jobs.high`.
+    pub high_ready: u32,
+    /// Parked by the per-integration cap, coming back after the park delay.
+    pub parked: u32,
+    /// Consumers of `<prefix>.jobs` (one per worker process).
+    pub consumers: u32,
+}
+
 impl JobPublisher {
     /// Connects (failing fast when the broker is unreachable at start) and declares the topology.
     pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
@@ -116,9 +129,9 @@ impl JobPublisher {
         }
     }
 
-    /// The work queue's ready messages and consumers (a passive declare on a channel of its
-    /// own, so a failure cannot close the publishing channel).
-    pub async fn queue_depth(&self) -> Result<(u32, u32), AmqpError> {
+    /// The work queues' ready messages, the parked ones and the consumers (passive declares on
+    /// a channel of its own, so a failure cannot close the publishing channel).
+    pub async fn queue_depth(&self) -> Result<QueueCounts, AmqpError> {
         // Bounded: a wedged broker must not hold the publishing lock (or a status page) long.
         let limit = Duration::from_secs(2);
         let slow = || AmqpError::Unavailable(format!("RabbitMQ did not answer within {limit:?}"));
@@ -134,22 +147,40 @@ impl JobPublisher {
                 .map_err(|_| slow())?
                 .map_err(|source| AmqpError::Protocol { op: "channel.open", source })?
         };
-        let declared = tokio::time::timeout(
-            limit,
-            channel.queue_declare(
-                self.queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                lapin::types::FieldTable::default(),
-            ),
-        )
+        let topology = Topology::new(&self.settings);
+        let declared = tokio::time::timeout(limit, async {
+            let mut counts = Vec::with_capacity(3);
+            for queue in [
+                topology.jobs_queue(),
+                topology.high_queue(),
+                topology.park_queue(false),
+                topology.park_queue(true),
+            ] {
+                let q = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|source| AmqpError::Protocol { op: "queue.declare", source })?;
+                counts.push(q);
+            }
+            Ok::<_, AmqpError>(counts)
+        })
         .await
         .map_err(|_| slow())
-        .and_then(|r| r.map_err(|source| AmqpError::Protocol { op: "queue.declare", source }));
+        .and_then(|r| r);
         if let Err(e) = channel.close(200, "done".into()).await {
             tracing::debug!(error = %e, "Closing the queue-depth channel failed.");
         }
         let q = declared?;
-        Ok((q.message_count(), q.consumer_count()))
+        Ok(QueueCounts {
+            ready: q[0].message_count(),
+            high_ready: q[1].message_count(),
+            parked: q[2].message_count() + q[3].message_count(),
+            consumers: q[0].consumer_count(),
+        })
     }
 
     /// Drops connection `generation` after a failure on it, so the next publish reconnects (a
@@ -222,6 +253,8 @@ impl JobPublisher {
             messaging.operation.type = "send",
             messaging.operation.name = "publish",
             messaging.destination.name = %self.queue,
+            messaging.rabbitmq.destination.routing_key =
+                syncfleet_shared::amqp::work_routing_key(job.data.priority),
             messaging.message.id = %job.id,
             database = %job.data.database_id,
             job.reason = job.data.reason.as_str(),

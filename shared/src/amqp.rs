@@ -1,9 +1,16 @@
 //! RabbitMQ topology and confirmed publishing of sync jobs.
 //!
 //! ```text
-//! <p>.jobs (direct) --sync--> <p>.jobs (quorum) --DLX <p>.dlx--> <p>.jobs.dead
-//! <p>.retry (direct) --<tier>.<ms>ms--> <p>.retry.<tier>.<ms>ms (TTL) --DLX <p>.jobs/sync--> back to work
+//! <p>.jobs (direct) --sync------> <p>.jobs (quorum)      --DLX <p>.dlx--> <p>.jobs.dead
+//!                   --sync.high-> <p>.jobs.high (quorum) --DLX <p>.dlx--> <p>.jobs.dead
+//! <p>.retry (direct) --<tier>.<ms>ms[.high]--> <p>.retry.<tier>.<ms>ms[.high] (TTL)
+//!                                         --DLX <p>.jobs/sync[.high]--> back to its work queue
+//! <p>.park (direct) --<ms>ms[.high]--> <p>.park.<ms>ms[.high] (TTL) --DLX <p>.jobs/sync[.high]--> back
 //! ```
+//! Priorities are two queues rather than AMQP message priorities: quorum queues (which survive a
+//! broker node) ignore `x-max-priority` before RabbitMQ 4.0. Workers consume the high queue in
+//! slots of its own, so a backlog in `<p>.jobs` never delays a manual, API or webhook job. A
+//! high job keeps its queue through retries and parking.
 //! A retry tier's queue and routing key carry its delay: a queue's `x-message-ttl` cannot change
 //! once declared (RabbitMQ answers PRECONDITION_FAILED), so a changed delay is a new queue. The
 //! old one gets nothing new and empties itself as its messages expire back to work.
@@ -20,10 +27,12 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use secrecy::ExposeSecret;
 
 use crate::config::{AmqpSettings, RetryTier};
-use crate::job::{ATTEMPT_HEADER, CONTENT_TYPE, DEAD_REASON_HEADER, JobEnvelope};
+use crate::job::{ATTEMPT_HEADER, CONTENT_TYPE, DEAD_REASON_HEADER, JobEnvelope, Priority};
 
-/// Routing key of work messages.
+/// Routing key of work messages (normal and low priority).
 pub const ROUTING_KEY: &str = "sync";
+/// Routing key of high-priority work messages (`<prefix>.jobs.high`).
+pub const HIGH_ROUTING_KEY: &str = "sync.high";
 const DEAD_ROUTING_KEY: &str = "dead";
 
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +78,24 @@ pub async fn connect(settings: &AmqpSettings, connection_name: &str) -> Result<C
 pub struct Topology {
     prefix: String,
     tiers: Vec<RetryTier>,
+    park_delay_ms: u64,
+}
+
+/// The routing key of a job's work queue: its priority decides.
+pub fn work_routing_key(priority: Priority) -> &'static str {
+    match priority {
+        Priority::High => HIGH_ROUTING_KEY,
+        Priority::Normal | Priority::Low => ROUTING_KEY,
+    }
 }
 
 impl Topology {
     pub fn new(settings: &AmqpSettings) -> Self {
-        Self { prefix: settings.prefix.clone(), tiers: settings.retry_tiers.clone() }
+        Self {
+            prefix: settings.prefix.clone(),
+            tiers: settings.retry_tiers.clone(),
+            park_delay_ms: settings.park_delay_ms,
+        }
     }
 
     pub fn jobs_exchange(&self) -> String {
@@ -82,15 +104,42 @@ impl Topology {
     pub fn jobs_queue(&self) -> String {
         format!("{}.jobs", self.prefix)
     }
+    /// The high-priority work queue.
+    pub fn high_queue(&self) -> String {
+        format!("{}.jobs.high", self.prefix)
+    }
+    /// Both work queues, normal first.
+    pub fn work_queues(&self) -> [String; 2] {
+        [self.jobs_queue(), self.high_queue()]
+    }
+    pub fn park_exchange(&self) -> String {
+        format!("{}.park", self.prefix)
+    }
+    /// Where jobs over their integration's cap wait (`high`: those of the high queue); the delay
+    /// is in the name and routing key, as for retry tiers, so processes configured with
+    /// different delays never both receive one parked message.
+    pub fn park_queue(&self, high: bool) -> String {
+        format!("{}.park.{}", self.prefix, self.park_key(high))
+    }
+    pub fn park_key(&self, high: bool) -> String {
+        if high { format!("{}ms.high", self.park_delay_ms) } else { format!("{}ms", self.park_delay_ms) }
+    }
     pub fn retry_exchange(&self) -> String {
         format!("{}.retry", self.prefix)
     }
     pub fn retry_queue(&self, tier: &RetryTier) -> String {
         format!("{}.retry.{}", self.prefix, Self::tier_key(tier))
     }
+    /// The tier's queue for high-priority jobs (it dead-letters back to `<p>.jobs.high`).
+    pub fn high_retry_queue(&self, tier: &RetryTier) -> String {
+        format!("{}.retry.{}", self.prefix, Self::high_tier_key(tier))
+    }
     /// The routing key of a tier on the retry exchange: its name and delay.
     pub fn tier_key(tier: &RetryTier) -> String {
         format!("{}.{}ms", tier.name, tier.delay_ms)
+    }
+    pub fn high_tier_key(tier: &RetryTier) -> String {
+        format!("{}.high", Self::tier_key(tier))
     }
     pub fn dead_exchange(&self) -> String {
         format!("{}.dlx", self.prefix)
@@ -126,43 +175,82 @@ impl Topology {
             .map_err(protocol("queue.declare"))?;
         self.bind(channel, &self.dead_queue(), &self.dead_exchange(), DEAD_ROUTING_KEY).await?;
 
-        let mut work_args = FieldTable::default();
-        work_args.insert("x-queue-type".into(), long_string("quorum"));
-        work_args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
-        work_args.insert("x-dead-letter-routing-key".into(), long_string(DEAD_ROUTING_KEY));
-        channel
-            .queue_declare(self.jobs_queue().into(), queue_opts, work_args)
-            .await
-            .map_err(protocol("queue.declare"))?;
-        self.bind(channel, &self.jobs_queue(), &self.jobs_exchange(), ROUTING_KEY).await?;
-
-        for tier in &self.tiers {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long_string("quorum"));
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.delay_ms as i64));
-            args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
-            args.insert("x-dead-letter-routing-key".into(), long_string(ROUTING_KEY));
-            let queue = self.retry_queue(tier);
+        for (queue, key) in [(self.jobs_queue(), ROUTING_KEY), (self.high_queue(), HIGH_ROUTING_KEY)] {
+            let mut work_args = FieldTable::default();
+            work_args.insert("x-queue-type".into(), long_string("quorum"));
+            work_args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
+            work_args.insert("x-dead-letter-routing-key".into(), long_string(DEAD_ROUTING_KEY));
             channel
-                .queue_declare(queue.clone().into(), queue_opts, args)
+                .queue_declare(queue.as_str().into(), queue_opts, work_args)
                 .await
                 .map_err(protocol("queue.declare"))?;
-            self.bind(channel, &queue, &self.retry_exchange(), &Self::tier_key(tier)).await?;
+            self.bind(channel, &queue, &self.jobs_exchange(), key).await?;
+        }
+
+        for tier in &self.tiers {
+            let lanes = [
+                (self.retry_queue(tier), Self::tier_key(tier), ROUTING_KEY),
+                (self.high_retry_queue(tier), Self::high_tier_key(tier), HIGH_ROUTING_KEY),
+            ];
+            for (queue, key, back_to) in lanes {
+                let mut args = FieldTable::default();
+                args.insert("x-queue-type".into(), long_string("quorum"));
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.delay_ms as i64));
+                args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
+                args.insert("x-dead-letter-routing-key".into(), long_string(back_to));
+                channel
+                    .queue_declare(queue.as_str().into(), queue_opts, args)
+                    .await
+                    .map_err(protocol("queue.declare"))?;
+                self.bind(channel, &queue, &self.retry_exchange(), &key).await?;
+            }
+        }
+
+        // Each parked job goes back to the work queue it came from.
+        channel
+            .exchange_declare(
+                self.park_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(protocol("exchange.declare"))?;
+        for (high, back_to) in [(false, ROUTING_KEY), (true, HIGH_ROUTING_KEY)] {
+            let mut park_args = FieldTable::default();
+            park_args.insert("x-queue-type".into(), long_string("quorum"));
+            park_args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(self.park_delay_ms as i64));
+            park_args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
+            park_args.insert("x-dead-letter-routing-key".into(), long_string(back_to));
+            let queue = self.park_queue(high);
+            channel
+                .queue_declare(queue.as_str().into(), queue_opts, park_args)
+                .await
+                .map_err(protocol("queue.declare"))?;
+            self.bind(channel, &queue, &self.park_exchange(), &self.park_key(high)).await?;
         }
         Ok(())
     }
 
     /// Deletes every queue and exchange of this prefix (tests, demos, decommissioning).
     pub async fn delete(&self, channel: &Channel) -> Result<(), AmqpError> {
-        let mut queues = vec![self.jobs_queue(), self.dead_queue()];
-        queues.extend(self.tiers.iter().map(|t| self.retry_queue(t)));
+        let mut queues = vec![
+            self.jobs_queue(),
+            self.high_queue(),
+            self.dead_queue(),
+            self.park_queue(false),
+            self.park_queue(true),
+        ];
+        queues.extend(self.tiers.iter().flat_map(|t| [self.retry_queue(t), self.high_retry_queue(t)]));
         for queue in queues {
             channel
                 .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
                 .await
                 .map_err(protocol("queue.delete"))?;
         }
-        for exchange in [self.jobs_exchange(), self.retry_exchange(), self.dead_exchange()] {
+        for exchange in
+            [self.jobs_exchange(), self.retry_exchange(), self.dead_exchange(), self.park_exchange()]
+        {
             channel
                 .exchange_delete(exchange.into(), lapin::options::ExchangeDeleteOptions::default())
                 .await
@@ -255,8 +343,14 @@ impl Publisher {
                 headers.insert(key, long_string(v));
             }
         }
+        let high = job.data.priority == Priority::High;
         let (exchange, key) = match destination {
-            Destination::Work => (self.topology.jobs_exchange(), ROUTING_KEY.to_string()),
+            Destination::Work => {
+                (self.topology.jobs_exchange(), work_routing_key(job.data.priority).to_string())
+            }
+            Destination::Retry(tier) if high => {
+                (self.topology.retry_exchange(), Topology::high_tier_key(tier))
+            }
             Destination::Retry(tier) => (self.topology.retry_exchange(), Topology::tier_key(tier)),
             Destination::Dead { reason } => {
                 headers.insert(DEAD_REASON_HEADER.into(), long_string(reason));
@@ -302,6 +396,18 @@ impl Publisher {
             lapin::Confirmation::Nack(_) => Err(AmqpError::Nacked),
             lapin::Confirmation::NotRequested => Ok(()),
         }
+    }
+
+    /// Parks a delivery (body and properties unchanged, so its attempt and publish time stay)
+    /// for the park delay; it then goes back to the work queue it came from (`high`: the high one).
+    pub async fn park_raw(
+        &self,
+        body: &[u8],
+        original: &BasicProperties,
+        high: bool,
+    ) -> Result<(), AmqpError> {
+        let props = original.clone().with_delivery_mode(2);
+        self.publish_raw(&self.topology.park_exchange(), &self.topology.park_key(high), body, props).await
     }
 
     /// Dead-letters an arbitrary body with a reason header, keeping its original properties.

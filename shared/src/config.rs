@@ -142,6 +142,9 @@ pub struct AmqpSettings {
     pub retry_tiers: Vec<RetryTier>,
     /// How long a publish may wait for the broker's confirm.
     pub confirm_timeout_secs: u64,
+    /// How long a job parked by the per-integration cap (`worker.max_jobs_per_integration`)
+    /// waits in `<prefix>.park.<ms>ms` before it comes back to its work queue.
+    pub park_delay_ms: u64,
 }
 
 impl Default for AmqpSettings {
@@ -155,6 +158,7 @@ impl Default for AmqpSettings {
                 RetryTier { name: "8m".into(), delay_ms: 480_000 },
             ],
             confirm_timeout_secs: 10,
+            park_delay_ms: 5_000,
         }
     }
 }
@@ -232,8 +236,16 @@ impl Default for NotionSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct WorkerSettings {
-    /// Jobs run at once by one worker process; also the AMQP prefetch.
+    /// Jobs from the normal work queue run at once by one worker process; also that consumer's
+    /// AMQP prefetch.
     pub concurrency: u16,
+    /// Jobs from the high-priority queue (`<prefix>.jobs.high`: manual, API and webhook jobs)
+    /// run at once beside those, in their own slots, so a backlog never delays them.
+    pub priority_concurrency: u16,
+    /// Most jobs of one integration running at once across the fleet (0: no cap). A job over
+    /// the cap is parked for `amqp.park_delay_ms` instead of taking a slot, so one integration's
+    /// backlog cannot starve another's jobs. Keep it below the fleet's total slots.
+    pub max_jobs_per_integration: u16,
     /// Name recorded in `sync_runs.worker`; the host name when unset.
     pub id: Option<String>,
     /// How long in-flight jobs get to reach a checkpoint after SIGTERM.
@@ -248,7 +260,15 @@ pub struct WorkerSettings {
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        Self { concurrency: 4, id: None, shutdown_grace_secs: 25, lease_secs: 30, liveness_stale_secs: 60 }
+        Self {
+            concurrency: 4,
+            priority_concurrency: 1,
+            max_jobs_per_integration: 4,
+            id: None,
+            shutdown_grace_secs: 25,
+            lease_secs: 30,
+            liveness_stale_secs: 60,
+        }
     }
 }
 
@@ -508,6 +528,18 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "worker.concurrency",
                 reason: "must be between 1 and 512".into(),
+            });
+        }
+        if self.worker.priority_concurrency == 0 || self.worker.priority_concurrency > 512 {
+            return Err(ConfigError::Invalid {
+                key: "worker.priority_concurrency",
+                reason: "must be between 1 and 512 (high-priority jobs need at least one slot)".into(),
+            });
+        }
+        if !(100..=600_000).contains(&self.amqp.park_delay_ms) {
+            return Err(ConfigError::Invalid {
+                key: "amqp.park_delay_ms",
+                reason: "must be between 100 and 600000".into(),
             });
         }
         if self.worker.lease_secs < 3 {

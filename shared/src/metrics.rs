@@ -108,6 +108,7 @@ pub struct Metrics {
     pub rate_budget_effective: GaugeVec,
     pub pages: IntCounterVec,
     pub lock_contended: IntCounter,
+    pub jobs_parked: IntCounter,
     pub lease_lost: IntCounter,
     pub fence_rejected_writes: IntCounter,
     pub job_panics: IntCounter,
@@ -202,7 +203,7 @@ impl Metrics {
             jobs_in_flight: int_gauge("syncfleet_jobs_in_flight", "Jobs this worker is running now."),
             worker_concurrency: int_gauge(
                 "syncfleet_worker_concurrency",
-                "Jobs this worker may run at once (its AMQP prefetch).",
+                "Jobs this worker may run at once (both lanes' AMQP prefetch: normal plus high priority).",
             ),
             notion_requests: counter_vec(
                 "syncfleet_notion_requests_total",
@@ -243,6 +244,10 @@ impl Metrics {
             lock_contended: counter(
                 "syncfleet_lock_contended_total",
                 "Jobs that found their database's lock held and were coalesced into a rerun.",
+            ),
+            jobs_parked: counter(
+                "syncfleet_jobs_parked_total",
+                "Deliveries parked because their integration had its fleet-wide share of running jobs (worker.max_jobs_per_integration).",
             ),
             lease_lost: counter(
                 "syncfleet_lease_lost_total",
@@ -347,6 +352,7 @@ impl Metrics {
                 Box::new(self.worker_concurrency.clone()),
                 Box::new(self.pages.clone()),
                 Box::new(self.lock_contended.clone()),
+                Box::new(self.jobs_parked.clone()),
                 Box::new(self.lease_lost.clone()),
                 Box::new(self.fence_rejected_writes.clone()),
                 Box::new(self.job_panics.clone()),

@@ -242,7 +242,6 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
     .await?;
     // (Turning the index lag off above made the index catch up at once.)
     let deadline = Instant::now() + Duration::from_secs(120);
-    let jobs_queue = syncfleet_shared::amqp::Topology::new(&env.settings.amqp).jobs_queue();
     let mut finals = Vec::new();
     for db in &ids[..3] {
         finals.push(enqueue_with_retry(&env, *db, deadline).await?);
@@ -265,8 +264,8 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
         let pending = scalar(&env, "SELECT count(*) FROM notion_databases WHERE rerun_mode IS NOT NULL")
             .await
             .unwrap_or(1);
-        // The malformed messages and every job have left the work queue.
-        let ready = env.queue_ready(&jobs_queue).await.unwrap_or(1);
+        // The malformed messages and every job have left the work and park queues.
+        let ready = env.jobs_waiting().await.unwrap_or(1);
         if pending_finals == 0 && active == 0 && pending == 0 && ready == 0 {
             break;
         }
@@ -419,8 +418,17 @@ fn is_exit_cause(line: &str) -> bool {
 /// Publishes the final full job, retrying while the broker may still be coming back.
 async fn enqueue_with_retry(env: &TestEnv, db: uuid::Uuid, deadline: Instant) -> anyhow::Result<uuid::Uuid> {
     loop {
-        match env.enqueue("healthy", db, SyncMode::Full).await {
-            Ok(id) => return Ok(id),
+        // High priority, as an operator's manual run: the high lane is under chaos too.
+        let job = syncfleet_shared::job::SyncDatabaseJob {
+            integration: "healthy".into(),
+            database_id: db,
+            mode: SyncMode::Full,
+            priority: syncfleet_shared::job::Priority::High,
+            reason: syncfleet_shared::job::Reason::Manual,
+        };
+        match env.publish_all([job]).await.map(|ids| ids.first().copied()) {
+            Ok(Some(id)) => return Ok(id),
+            Ok(None) => bail!("nothing was published"),
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %e, "final enqueue failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -121,6 +121,16 @@ impl TestEnv {
         Ok(q.message_count())
     }
 
+    /// Jobs waiting in RabbitMQ: ready in either work queue, or parked by an integration's cap.
+    pub async fn jobs_waiting(&self) -> anyhow::Result<u32> {
+        let t = Topology::new(&self.settings.amqp);
+        let mut total = 0;
+        for queue in [t.jobs_queue(), t.high_queue(), t.park_queue(false), t.park_queue(true)] {
+            total += self.queue_ready(&queue).await?;
+        }
+        Ok(total)
+    }
+
     /// Publishes raw bodies (hostile or foreign messages) to the jobs exchange on a confirm
     /// channel and returns once the broker has confirmed every one of them, so a count of what
     /// was published is a count of what the broker holds.
@@ -190,6 +200,12 @@ impl TestEnv {
             ),
             ("SYNCFLEET_WORKER__SHUTDOWN_GRACE_SECS".into(), s.worker.shutdown_grace_secs.to_string()),
             ("SYNCFLEET_WORKER__LEASE_SECS".into(), s.worker.lease_secs.to_string()),
+            ("SYNCFLEET_WORKER__PRIORITY_CONCURRENCY".into(), s.worker.priority_concurrency.to_string()),
+            (
+                "SYNCFLEET_WORKER__MAX_JOBS_PER_INTEGRATION".into(),
+                s.worker.max_jobs_per_integration.to_string(),
+            ),
+            ("SYNCFLEET_AMQP__PARK_DELAY_MS".into(), s.amqp.park_delay_ms.to_string()),
             ("SYNCFLEET_NOTION__CIRCUIT__OPEN_SECS".into(), s.notion.circuit.open_secs.to_string()),
         ]
     }
@@ -237,20 +253,29 @@ impl TestEnv {
         mode: SyncMode,
         n: usize,
     ) -> anyhow::Result<Vec<Uuid>> {
+        let jobs = (0..n).map(|_| SyncDatabaseJob {
+            integration: integration.into(),
+            database_id,
+            mode,
+            priority: Priority::Normal,
+            reason: Reason::Manual,
+        });
+        self.publish_all(jobs).await
+    }
+
+    /// Publishes each job the way the producer does (a `queued` run, a confirmed publish),
+    /// through one connection; returns their ids.
+    pub async fn publish_all(
+        &self,
+        jobs: impl IntoIterator<Item = SyncDatabaseJob>,
+    ) -> anyhow::Result<Vec<Uuid>> {
         let publisher = syncfleet_producer::publish::JobPublisher::connect(
             &self.settings,
             syncfleet_shared::metrics::Metrics::new(syncfleet_shared::metrics::Role::Producer),
         )
         .await?;
-        let mut ids = Vec::with_capacity(n);
-        for _ in 0..n {
-            let data = SyncDatabaseJob {
-                integration: integration.into(),
-                database_id,
-                mode,
-                priority: Priority::Normal,
-                reason: Reason::Manual,
-            };
+        let mut ids = Vec::new();
+        for data in jobs {
             ids.push(publisher.publish(&self.db, "urn:syncfleet:test", data).await?.id);
         }
         Ok(ids)

@@ -1,6 +1,12 @@
 //! The first stage of the job path (consume → run → sync → write): the worker process connects
-//! to PostgreSQL and RabbitMQ, consumes jobs with manual ack and prefetch = concurrency, runs each
-//! in its own task, and settles each delivery as the failure policy decided.
+//! to PostgreSQL and RabbitMQ, consumes jobs with manual ack, runs each in its own task, and
+//! settles each delivery as the failure policy decided.
+//!
+//! Two lanes, each on its own channel with its own prefetch: `<p>.jobs` with
+//! `worker.concurrency` slots and `<p>.jobs.high` with `worker.priority_concurrency`. A lane's
+//! prefetch is its slot count, so every delivered message starts at once (none waits in a
+//! worker's buffer while another worker is idle), and a scheduled backlog never holds a slot a
+//! high-priority job needs.
 //!
 //! A job task that panics is caught at this boundary: its delivery is returned once (then
 //! dead-lettered), the panic is logged and counted, and its prefetch slot is freed.
@@ -55,10 +61,27 @@ pub enum WorkerError {
     ConsumerLost(String),
 }
 
+/// Which work queue a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Normal,
+    High,
+}
+
+impl Lane {
+    fn queue(self, topology: &Topology) -> String {
+        match self {
+            Lane::Normal => topology.jobs_queue(),
+            Lane::High => topology.high_queue(),
+        }
+    }
+}
+
 pub struct Worker {
     ctx: Arc<WorkerContext>,
     connection: Connection,
     channel: Channel,
+    high_channel: Channel,
     ready: Readiness,
     live: Liveness,
     ops_stop: CancellationToken,
@@ -76,7 +99,9 @@ impl Worker {
         if let Some(addr) = settings.metrics_addr {
             ops::serve(addr, metrics.clone(), ready.clone(), live.clone(), ops_stop.clone()).await?;
         }
-        metrics.worker_concurrency.set(i64::from(settings.worker.concurrency));
+        metrics
+            .worker_concurrency
+            .set(i64::from(settings.worker.concurrency) + i64::from(settings.worker.priority_concurrency));
         let cipher = match &settings.encryption_key {
             Some(_) => Some(settings.token_cipher()?),
             None => {
@@ -96,6 +121,10 @@ impl Worker {
             .await
             .map_err(|source| AmqpError::Protocol { op: "channel.open", source })?;
         topology.declare(&channel).await?;
+        let high_channel = connection
+            .create_channel()
+            .await
+            .map_err(|source| AmqpError::Protocol { op: "channel.open", source })?;
         let publisher = Publisher::new(&connection, &settings.amqp).await?;
         let notion = NotionClient::new(&settings.notion, metrics.clone())?;
         let budget =
@@ -128,31 +157,23 @@ impl Worker {
             worker_id,
             metrics,
         };
-        Ok(Self { ctx: Arc::new(ctx), connection, channel, ready, live, ops_stop })
+        Ok(Self { ctx: Arc::new(ctx), connection, channel, high_channel, ready, live, ops_stop })
     }
 
     /// Consumes until `shutdown` resolves, then drains in-flight jobs and closes connections.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         let concurrency = self.ctx.settings.worker.concurrency;
-        self.channel
-            .basic_qos(concurrency, BasicQosOptions::default())
-            .await
-            .map_err(|source| AmqpError::Protocol { op: "basic.qos", source })?;
+        let priority_concurrency = self.ctx.settings.worker.priority_concurrency;
         let tag = format!("{}-{}", self.ctx.worker_id, uuid::Uuid::new_v4().simple());
-        let mut consumer = self
-            .channel
-            .basic_consume(
-                self.ctx.topology.jobs_queue().into(),
-                tag.clone().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|source| AmqpError::Protocol { op: "basic.consume", source })?;
+        let mut consumer = self.consume(&self.channel, Lane::Normal, concurrency, &tag).await?;
+        let mut high_consumer =
+            self.consume(&self.high_channel, Lane::High, priority_concurrency, &tag).await?;
         tracing::info!(
             worker = %self.ctx.worker_id,
             concurrency,
+            priority_concurrency,
             queue = %self.ctx.topology.jobs_queue(),
+            high_queue = %self.ctx.topology.high_queue(),
             "Worker is consuming."
         );
         self.ready.set(true);
@@ -178,11 +199,16 @@ impl Worker {
                     }
                     self.live.beat();
                 }
+                next = high_consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        tasks.spawn(Box::pin(process(self.ctx.clone(), delivery, stop.clone(), Lane::High)));
+                    }
+                    Some(Err(e)) => { failure = Some(WorkerError::ConsumerLost(e.to_string())); break; }
+                    None => { failure = Some(WorkerError::ConsumerLost("the high-priority consumer was cancelled by the broker".into())); break; }
+                },
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        let ctx = self.ctx.clone();
-                        let stop = stop.clone();
-                        tasks.spawn(Box::pin(process(ctx, delivery, stop)));
+                        tasks.spawn(Box::pin(process(self.ctx.clone(), delivery, stop.clone(), Lane::Normal)));
                     }
                     Some(Err(e)) => { failure = Some(WorkerError::ConsumerLost(e.to_string())); break; }
                     None => { failure = Some(WorkerError::ConsumerLost("consumer was cancelled by the broker".into())); break; }
@@ -197,7 +223,13 @@ impl Worker {
             in_flight = tasks.len(),
             "Stopping: no new jobs; in-flight jobs checkpoint and requeue."
         );
-        let _ = self.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        for (channel, lane) in [(&self.channel, Lane::Normal), (&self.high_channel, Lane::High)] {
+            let tag = consumer_tag(&tag, lane);
+            if let Err(e) = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                // The connection is going anyway; unacked deliveries return to the queue with it.
+                tracing::debug!(error = %e, "Could not cancel a consumer.");
+            }
+        }
         stop.cancel();
         let grace = Duration::from_secs(self.ctx.settings.worker.shutdown_grace_secs);
         let drained = tokio::time::timeout(grace, async {
@@ -213,6 +245,7 @@ impl Worker {
             tasks.abort_all();
         }
         let _ = self.channel.close(200, "worker shutdown".into()).await;
+        let _ = self.high_channel.close(200, "worker shutdown".into()).await;
         let _ = self.connection.close(200, "worker shutdown".into()).await;
         self.ctx.db.clone().close().await.ok();
         self.ops_stop.cancel();
@@ -221,6 +254,39 @@ impl Worker {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+impl Worker {
+    /// Consumes one lane's queue on its channel, with prefetch = the lane's slots.
+    async fn consume(
+        &self,
+        channel: &Channel,
+        lane: Lane,
+        slots: u16,
+        tag: &str,
+    ) -> Result<lapin::Consumer, WorkerError> {
+        channel
+            .basic_qos(slots, BasicQosOptions::default())
+            .await
+            .map_err(|source| AmqpError::Protocol { op: "basic.qos", source })?;
+        let consumer = channel
+            .basic_consume(
+                lane.queue(&self.ctx.topology).into(),
+                consumer_tag(tag, lane).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| AmqpError::Protocol { op: "basic.consume", source })?;
+        Ok(consumer)
+    }
+}
+
+fn consumer_tag(tag: &str, lane: Lane) -> String {
+    match lane {
+        Lane::Normal => tag.to_string(),
+        Lane::High => format!("{tag}-high"),
     }
 }
 
@@ -261,7 +327,7 @@ async fn first_seen_ms(ctx: &WorkerContext, delivery: &Delivery, now: i64) -> i6
 /// Handles a delivery inside its `process syncfleet.jobs` consumer span (continuing the
 /// publisher's trace when the message carries one) and settles it. A panic anywhere in the job
 /// is caught here: the delivery is returned once, then dead-lettered, and the slot is freed.
-async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: CancellationToken) {
+async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: CancellationToken, lane: Lane) {
     let started = std::time::Instant::now();
     let metrics = ctx.metrics.clone();
     metrics.jobs_in_flight.inc();
@@ -272,14 +338,14 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
         // counts from when the fleet first saw the message.
         None => first_seen_ms(&ctx, &delivery, now).await,
     };
-    metrics.job_queue_wait.observe(amqp::queue_wait_secs(published, now));
+    let queue_wait = amqp::queue_wait_secs(published, now);
     let span = tracing::info_span!(
         "process syncfleet.jobs",
         otel.kind = "consumer",
         messaging.system = "rabbitmq",
         messaging.operation.type = "process",
         messaging.operation.name = "process",
-        messaging.destination.name = %ctx.topology.jobs_queue(),
+        messaging.destination.name = %lane.queue(&ctx.topology),
         messaging.message.id = delivery.properties.message_id().as_ref().map(|m| m.as_str()).unwrap_or(""),
         messaging.rabbitmq.message.delivery_tag = delivery.delivery_tag,
         messaging.message.body.size = delivery.data.len(),
@@ -290,11 +356,18 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
         attempt = tracing::field::Empty,
     );
     syncfleet_shared::telemetry::continue_trace(&span, &amqp::trace_headers(&delivery.properties));
-    let settled = std::panic::AssertUnwindSafe(settle(&ctx, &delivery, stop).instrument(span.clone()))
+    let settled = std::panic::AssertUnwindSafe(settle(&ctx, &delivery, stop, lane).instrument(span.clone()))
         .catch_unwind()
         .await;
     let outcome = match settled {
-        Ok(outcome) => outcome,
+        Ok(Settled::Parked) => {
+            // Not an attempt: it is counted, and its wait observed, when it runs.
+            span.record("job.outcome", "parked");
+            metrics.jobs_parked.inc();
+            metrics.jobs_in_flight.dec();
+            return;
+        }
+        Ok(Settled::Done(outcome)) => outcome,
         Err(panic) => {
             metrics.job_panics.inc();
             let message = panic
@@ -317,6 +390,7 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
             Some(Outcome::Failed)
         }
     };
+    metrics.job_queue_wait.observe(queue_wait);
     span.record("job.outcome", outcome.map(Outcome::as_str).unwrap_or("requeued"));
     if let Some(outcome) = outcome {
         metrics.job_processed(outcome);
@@ -325,12 +399,33 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
     metrics.jobs_in_flight.dec();
 }
 
-/// Runs the job and settles the delivery as decided; returns the outcome for the metrics.
-async fn settle(ctx: &WorkerContext, delivery: &Delivery, stop: CancellationToken) -> Option<Outcome> {
+enum Settled {
+    /// The outcome for the metrics (`None`: handed back, neither success nor failure).
+    Done(Option<Outcome>),
+    /// Parked by its integration's share, not run.
+    Parked,
+}
+
+/// Runs the job and settles the delivery as decided.
+async fn settle(ctx: &WorkerContext, delivery: &Delivery, stop: CancellationToken, lane: Lane) -> Settled {
     let handled = run::handle(ctx, &delivery.data, &delivery.properties, stop).await;
     let mut outcome = handled.decision.outcome;
     let settled = match &handled.decision.disposition {
         Disposition::Ack => ack(delivery).await,
+        Disposition::Park => {
+            let parked = publish_with_backoff(|| {
+                ctx.publisher.park_raw(&delivery.data, &delivery.properties, lane == Lane::High)
+            })
+            .await;
+            let settled = match parked {
+                Ok(()) => ack(delivery).await,
+                Err(e) => give_back(delivery, &e).await,
+            };
+            if let Err(e) = settled {
+                tracing::error!(error = %e, "Failed to settle a parked delivery; RabbitMQ will redeliver it.");
+            }
+            return Settled::Parked;
+        }
         Disposition::Requeue { after } => {
             tokio::time::sleep(*after).await;
             nack_requeue(delivery).await
@@ -387,7 +482,7 @@ async fn settle(ctx: &WorkerContext, delivery: &Delivery, stop: CancellationToke
     if let Err(e) = settled {
         tracing::error!(error = %e, "Failed to settle a delivery; RabbitMQ will redeliver it.");
     }
-    outcome
+    Settled::Done(outcome)
 }
 
 /// Publishes with jittered backoff for about half a minute; a broker that stays unreachable

@@ -14,6 +14,7 @@ pub mod context;
 pub mod error;
 pub mod policy;
 pub mod schema;
+pub mod share;
 pub mod transform;
 
 pub use consume::{Worker, WorkerError};

@@ -21,6 +21,9 @@ pub enum Disposition {
     /// Give the message back to the queue after `after` (shutdown mid-job: at once, and another
     /// worker resumes from the checkpoint; bookkeeping that failed: after a backoff).
     Requeue { after: Duration },
+    /// Its integration has its fleet-wide share of running jobs: publish it unchanged to the park
+    /// queue (it comes back to its work queue after the park delay), then ack. Not an attempt.
+    Park,
     /// Publish to `tier` with attempt + 1 (the message comes back after `delay`), then ack.
     Retry { tier: RetryTier, delay: Duration, reason: String },
     /// Publish to the dead-letter queue with this reason, then ack.
@@ -184,6 +187,7 @@ mod tests {
         match d.disposition {
             Disposition::Ack => "skip",
             Disposition::Requeue { .. } => "requeue",
+            Disposition::Park => "park",
             Disposition::Retry { .. } => "retry",
             Disposition::DeadLetter { .. } => "dead",
         }

@@ -26,6 +26,7 @@ use tracing::Instrument;
 use crate::context::WorkerContext;
 use crate::error::JobFailure;
 use crate::policy::{self, Decision, Disposition};
+use crate::share;
 use crate::sync::SyncRun;
 
 /// The outcome of handling one delivery, with the parsed job when there was one.
@@ -99,6 +100,51 @@ async fn run_job(
             database.id, database.integration
         ));
     }
+    let owner = job.id.to_string();
+    let high = job.data.priority == Priority::High;
+    let park_delay = Duration::from_millis(ctx.settings.amqp.park_delay_ms);
+    let request = || share::Request {
+        prefix: &ctx.settings.redis.key_prefix,
+        integration: &job.data.integration,
+        job_id: &owner,
+        high,
+        cap: ctx.settings.worker.max_jobs_per_integration,
+        lease: ctx.lease(),
+        park_delay,
+    };
+    // A high job, which has slots of its own, asks again for up to one park delay (holding its
+    // place as the integration's next job) before it is parked; a normal one is parked at once.
+    let patience = tokio::time::Instant::now() + if high { park_delay } else { Duration::ZERO };
+    let share = loop {
+        match share::admit(&ctx.redis, request()).await {
+            share::Admission::Admitted(share) => break share,
+            share::Admission::OverCap
+                if tokio::time::Instant::now() < patience && !shutdown.is_cancelled() =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            share::Admission::OverCap => {
+                tracing::debug!("The integration has its fleet-wide share of running jobs; parking the job.");
+                return Decision::new(Disposition::Park, None, None);
+            }
+        }
+    };
+    let decision = run_admitted(ctx, job, attempt, database, shutdown).await;
+    if let Some(share) = share {
+        share.release().await;
+    }
+    decision
+}
+
+/// Runs a job its integration's share admitted: takes the database's lock (or coalesces into
+/// the holder's rerun), runs, releases, and serves a rerun request left pending.
+async fn run_admitted(
+    ctx: &WorkerContext,
+    job: &JobEnvelope,
+    attempt: u32,
+    database: notion_database::Model,
+    shutdown: CancellationToken,
+) -> Decision {
     let owner = job.id.to_string();
     let guard = match lock::try_acquire(
         &ctx.redis,
@@ -555,6 +601,7 @@ fn decided(failure: &JobFailure, attempt: u32, ctx: &WorkerContext) -> Decision 
         Disposition::Requeue { .. } => {
             tracing::info!("Shutting down mid-job; progress is committed and the job goes back to the queue.")
         }
+        Disposition::Park => {}
         Disposition::Ack => {
             tracing::warn!(kind = failure.kind(), "Stood down: another worker serves this request.")
         }
@@ -573,7 +620,7 @@ fn error_change<'a>(new_status: &'a str, failure: &JobFailure, message: &'a str)
 /// settle, so the delivery is simply done (the current holder has its own delivery).
 fn stand_down(decision: Decision) -> Decision {
     match decision.disposition {
-        Disposition::Requeue { .. } | Disposition::Ack => decision,
+        Disposition::Requeue { .. } | Disposition::Ack | Disposition::Park => decision,
         _ => Decision::new(Disposition::Ack, Some(Outcome::Skipped), None),
     }
 }

@@ -238,6 +238,13 @@ pub enum PriorityParam {
     High,
 }
 
+impl PriorityParam {
+    /// The default of jobs someone asked for (API, CLI): ahead of scheduled ones.
+    pub fn high() -> Self {
+        Self::High
+    }
+}
+
 impl From<PriorityParam> for syncfleet_shared::job::Priority {
     fn from(p: PriorityParam) -> Self {
         match p {

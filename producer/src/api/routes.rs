@@ -37,7 +37,8 @@ pub struct CreateJob {
     pub database: NotionId,
     #[serde(default)]
     pub mode: model::ModeParam,
-    #[serde(default)]
+    /// Omitted: `high`, so the job goes ahead of any scheduled backlog (`<prefix>.jobs.high`).
+    #[serde(default = "model::PriorityParam::high")]
     pub priority: model::PriorityParam,
 }
 
@@ -389,7 +390,12 @@ pub struct Overview {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct QueueDepth {
+    /// Ready in the normal work queue.
     pub ready: Option<u32>,
+    /// Ready in the high-priority work queue.
+    pub high_ready: Option<u32>,
+    /// Parked by the per-integration cap (`worker.max_jobs_per_integration`).
+    pub parked: Option<u32>,
     pub consumers: Option<u32>,
     /// Why the depth is unknown.
     pub error: Option<String>,
@@ -502,8 +508,20 @@ pub async fn build_overview(
     .map(|r| r.view(None))
     .collect();
     let queue = match publisher.queue_depth().await {
-        Ok((ready, consumers)) => QueueDepth { ready: Some(ready), consumers: Some(consumers), error: None },
-        Err(e) => QueueDepth { ready: None, consumers: None, error: Some(e.to_string()) },
+        Ok(c) => QueueDepth {
+            ready: Some(c.ready),
+            high_ready: Some(c.high_ready),
+            parked: Some(c.parked),
+            consumers: Some(c.consumers),
+            error: None,
+        },
+        Err(e) => QueueDepth {
+            ready: None,
+            high_ready: None,
+            parked: None,
+            consumers: None,
+            error: Some(e.to_string()),
+        },
     };
     let rows = db
         .query_all_raw(Statement::from_string(

@@ -19,7 +19,9 @@ pub struct EnqueueArgs {
     pub database: Uuid,
     #[arg(long, value_enum, default_value = "incremental")]
     pub mode: ModeParam,
-    #[arg(long, value_enum, default_value = "normal")]
+    /// High (the default for a job a person asks for) goes to `<prefix>.jobs.high`, ahead of
+    /// any scheduled backlog; normal and low wait their turn in `<prefix>.jobs`.
+    #[arg(long, value_enum, default_value = "high")]
     pub priority: PriorityParam,
     /// Show a progress bar until the run ends (`runs watch`); exit non-zero if it fails.
     #[arg(long)]

@@ -263,8 +263,10 @@ pub async fn overview(settings: &Settings, json: bool) -> anyhow::Result<()> {
     }
     let count = |n: Option<u32>| n.map_or_else(|| "?".to_string(), |n| n.to_string());
     println!(
-        "queue: {} ready, {} consumers{}",
+        "queue: {} ready, {} high priority, {} parked, {} consumers{}",
         count(o.queue.ready),
+        count(o.queue.high_ready),
+        count(o.queue.parked),
         count(o.queue.consumers),
         o.queue.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
     );

@@ -12,6 +12,7 @@ mod notifications;
 mod observability;
 mod outages;
 mod poison;
+mod priorities;
 mod publish;
 mod publishers;
 mod redis_ha;
