@@ -5,8 +5,9 @@
 //                    [--prefix PREFIX] [--integration SLUG] [--priority low|normal|high]
 //
 // The job is a CloudEvents 1.0 structured-mode JSON event (shared/schema/sync_database.v1.schema.json)
-// sent to the `<prefix>.jobs` exchange with routing key `sync`, persistent and `mandatory`, on a
-// confirm channel. It prints the job id and exits 0 only after RabbitMQ confirmed the publish; an
+// sent to the `<prefix>.jobs` exchange, persistent and `mandatory`, on a confirm channel. The
+// routing key picks the queue: `sync.high` (`<prefix>.jobs.high`, ahead of any scheduled
+// backlog) for --priority high, `sync` otherwise. It prints the job id and exits 0 only after RabbitMQ confirmed the publish; an
 // unroutable or refused message exits 1. Without --integration the worker uses the integration
 // the database is registered with.
 import { randomUUID } from "node:crypto";
@@ -64,7 +65,8 @@ try {
   let returned = false;
   channel.on("return", () => { returned = true; });
   await new Promise((resolve, reject) => {
-    channel.publish(`${args.prefix}.jobs`, "sync", body, {
+    const routingKey = args.priority === "high" ? "sync.high" : "sync";
+    channel.publish(`${args.prefix}.jobs`, routingKey, body, {
       contentType: "application/cloudevents+json",
       persistent: true,
       mandatory: true,

@@ -5,8 +5,9 @@
                [--integration SLUG] [--priority low|normal|high]
 
 The job is a CloudEvents 1.0 structured-mode JSON event (shared/schema/sync_database.v1.schema.json)
-sent to the `<prefix>.jobs` exchange with routing key `sync`, persistent and `mandatory`, on a
-channel with publisher confirms. It prints the job id and exits 0 only after RabbitMQ confirmed
+sent to the `<prefix>.jobs` exchange, persistent and `mandatory`, on a channel with publisher
+confirms. The routing key picks the queue: `sync.high` (`<prefix>.jobs.high`, ahead of any
+scheduled backlog) for --priority high, `sync` otherwise. It prints the job id and exits 0 only after RabbitMQ confirmed
 the publish; an unroutable or refused message exits 1. Without --integration the worker uses the
 integration the database is registered with.
 """
@@ -71,7 +72,8 @@ def main() -> int:
         channel.confirm_delivery()
         # With confirms on, basic_publish returns once the broker confirmed, and raises when the
         # message was returned (unroutable) or nacked.
-        channel.basic_publish(f"{args.prefix}.jobs", "sync", body, properties, mandatory=True)
+        routing_key = "sync.high" if args.priority == "high" else "sync"
+        channel.basic_publish(f"{args.prefix}.jobs", routing_key, body, properties, mandatory=True)
     except pika.exceptions.UnroutableError:
         print(f"unroutable: is syncfleet running with prefix {args.prefix!r}?", file=sys.stderr)
         return 1

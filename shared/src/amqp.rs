@@ -476,3 +476,28 @@ pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_route_to_their_queue_through_retries_and_parking() {
+        let settings = AmqpSettings { prefix: "p".into(), park_delay_ms: 1500, ..AmqpSettings::default() };
+        let t = Topology::new(&settings);
+        assert_eq!(work_routing_key(Priority::High), HIGH_ROUTING_KEY);
+        assert_eq!(work_routing_key(Priority::Normal), ROUTING_KEY);
+        assert_eq!(work_routing_key(Priority::Low), ROUTING_KEY);
+        assert_eq!(t.work_queues(), ["p.jobs".to_string(), "p.jobs.high".to_string()]);
+        let tier = &settings.retry_tiers[0];
+        assert_eq!(t.retry_queue(tier), "p.retry.30s.30000ms");
+        assert_eq!(t.high_retry_queue(tier), "p.retry.30s.30000ms.high");
+        assert_eq!(Topology::high_tier_key(tier), "30s.30000ms.high");
+        // The delay is in the park queues' names and keys: two configurations never share one.
+        assert_eq!(
+            (t.park_queue(false), t.park_key(false)),
+            ("p.park.1500ms".to_string(), "1500ms".to_string())
+        );
+        assert_eq!(t.park_queue(true), "p.park.1500ms.high");
+    }
+}

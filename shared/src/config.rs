@@ -749,6 +749,28 @@ mod tests {
 }
 
 #[cfg(test)]
+mod lane_tests {
+    use super::Settings;
+
+    #[test]
+    fn the_high_lane_needs_a_slot_and_the_park_delay_a_sane_range() {
+        let mut s = Settings::default();
+        s.validate().expect("defaults");
+        s.worker.priority_concurrency = 0;
+        let err = s.validate().expect_err("no high-priority slot");
+        assert!(err.to_string().contains("worker.priority_concurrency"), "{err}");
+        s.worker.priority_concurrency = 1;
+        s.worker.max_jobs_per_integration = 0;
+        s.validate().expect("no cap is allowed");
+        for bad in [0, 99, 600_001] {
+            s.amqp.park_delay_ms = bad;
+            let err = s.validate().expect_err("park delay out of range");
+            assert!(err.to_string().contains("amqp.park_delay_ms"), "{bad}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod hour_window_tests {
     use super::HourWindow;
 

@@ -101,51 +101,6 @@ async fn run_job(
         ));
     }
     let owner = job.id.to_string();
-    let high = job.data.priority == Priority::High;
-    let park_delay = Duration::from_millis(ctx.settings.amqp.park_delay_ms);
-    let request = || share::Request {
-        prefix: &ctx.settings.redis.key_prefix,
-        integration: &job.data.integration,
-        job_id: &owner,
-        high,
-        cap: ctx.settings.worker.max_jobs_per_integration,
-        lease: ctx.lease(),
-        park_delay,
-    };
-    // A high job, which has slots of its own, asks again for up to one park delay (holding its
-    // place as the integration's next job) before it is parked; a normal one is parked at once.
-    let patience = tokio::time::Instant::now() + if high { park_delay } else { Duration::ZERO };
-    let share = loop {
-        match share::admit(&ctx.redis, request()).await {
-            share::Admission::Admitted(share) => break share,
-            share::Admission::OverCap
-                if tokio::time::Instant::now() < patience && !shutdown.is_cancelled() =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            share::Admission::OverCap => {
-                tracing::debug!("The integration has its fleet-wide share of running jobs; parking the job.");
-                return Decision::new(Disposition::Park, None, None);
-            }
-        }
-    };
-    let decision = run_admitted(ctx, job, attempt, database, shutdown).await;
-    if let Some(share) = share {
-        share.release().await;
-    }
-    decision
-}
-
-/// Runs a job its integration's share admitted: takes the database's lock (or coalesces into
-/// the holder's rerun), runs, releases, and serves a rerun request left pending.
-async fn run_admitted(
-    ctx: &WorkerContext,
-    job: &JobEnvelope,
-    attempt: u32,
-    database: notion_database::Model,
-    shutdown: CancellationToken,
-) -> Decision {
-    let owner = job.id.to_string();
     let guard = match lock::try_acquire(
         &ctx.redis,
         &ctx.settings.redis.key_prefix,
@@ -156,16 +111,65 @@ async fn run_admitted(
     .await
     {
         Ok(Some(guard)) => guard,
+        // A busy database coalesces the job into its holder's rerun at once: that costs no
+        // Notion request, so it needs no share of the integration.
         Ok(None) => match database_busy(ctx, job, attempt).await {
             Busy::Acquired(guard) => guard,
             Busy::Done(decision) => return decision,
         },
         Err(e) => return unheld(ctx, job, attempt, JobFailure::Lock(e)).await,
     };
-    let decision = run_locked(ctx, job, attempt, database, shutdown, &guard).await;
+    let decision = match admit_share(ctx, job, &shutdown).await {
+        Some(share) => {
+            let decision = run_locked(ctx, job, attempt, database, shutdown, &guard).await;
+            if let Some(share) = share {
+                share.release().await;
+            }
+            decision
+        }
+        None => {
+            tracing::debug!("The integration has its fleet-wide share of running jobs; parking the job.");
+            Decision::new(Disposition::Park, None, None)
+        }
+    };
     guard.release().await;
     serve_pending_rerun(ctx, job).await;
     decision
+}
+
+/// A place among the integration's running jobs (`Some(None)`: no cap, or Redis could not
+/// tell), or `None` when the job is to be parked. A high job, which has slots of its own, asks
+/// again for up to one park delay (holding its place as the integration's next job) before it
+/// is parked; a normal one is parked at once.
+async fn admit_share(
+    ctx: &WorkerContext,
+    job: &JobEnvelope,
+    shutdown: &CancellationToken,
+) -> Option<Option<share::Share>> {
+    let owner = job.id.to_string();
+    let high = job.data.priority == Priority::High;
+    let park_delay = Duration::from_millis(ctx.settings.amqp.park_delay_ms);
+    let patience = tokio::time::Instant::now() + if high { park_delay } else { Duration::ZERO };
+    loop {
+        let request = share::Request {
+            prefix: &ctx.settings.redis.key_prefix,
+            integration: &job.data.integration,
+            job_id: &owner,
+            high,
+            cap: ctx.settings.worker.max_jobs_per_integration,
+            lease: ctx.lease(),
+            park_delay,
+        };
+        match share::admit(&ctx.redis, request).await {
+            share::Admission::Admitted(share) => return Some(share),
+            share::Admission::OverCap
+                if tokio::time::Instant::now() < patience && !shutdown.is_cancelled() =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            share::Admission::OverCap => return None,
+        }
+    }
 }
 
 enum Busy {

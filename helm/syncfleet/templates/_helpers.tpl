@@ -126,6 +126,8 @@ secrets, the rest as plain SYNCFLEET_* variables (config.rs: `__` nests).
   value: {{ .Values.config.notionVersion | quote }}
 - name: SYNCFLEET_AMQP__PREFIX
   value: {{ .Values.config.amqpPrefix | quote }}
+- name: SYNCFLEET_AMQP__PARK_DELAY_MS
+  value: {{ .Values.config.parkDelayMs | quote }}
 - name: SYNCFLEET_REDIS__KEY_PREFIX
   value: {{ .Values.config.redisKeyPrefix | quote }}
 - name: SYNCFLEET_REDIS__MODE

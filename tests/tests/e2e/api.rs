@@ -734,10 +734,13 @@ async fn two_hundred_sse_clients_on_ten_running_jobs_cost_the_database_per_job_n
         &[("SYNCFLEET_DATABASE__URL", &api_url), ("SYNCFLEET_SCHEDULER__TICK_SECS", "1")],
     )
     .await;
+    // Ten jobs of one integration at once: no per-integration cap, all in the normal lane.
+    env.settings.worker.max_jobs_per_integration = 0;
     env.spawn_worker(10).expect("worker");
     let mut jobs = Vec::new();
     for db in &dbs {
-        let (status, accepted) = api.post("/v1/jobs", json!({"database": db, "mode": "full"})).await;
+        let (status, accepted) =
+            api.post("/v1/jobs", json!({"database": db, "mode": "full", "priority": "normal"})).await;
         assert_eq!(status, 202, "{accepted}");
         jobs.push(accepted["job_id"].as_str().expect("id").to_string());
     }

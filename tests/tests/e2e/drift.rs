@@ -97,6 +97,13 @@ async fn a_database_unshared_mid_run_fails_its_job_permanently_in_one_attempt() 
     let run = env.wait_run(run, LONG).await.expect("run");
     assert_eq!((run.status.as_str(), run.attempt), ("failed", 1), "{run:?}");
     assert_eq!(run.error_kind.as_deref(), Some("notion_not_found"));
+    // `failed` is recorded before the dead letter is published; its confirm is recorded after.
+    let confirmed =
+        format!("SELECT count(*) FROM sync_runs WHERE id = '{}' AND dead_lettered_at IS NOT NULL", run.id);
+    crate::exactness::until("the dead letter's confirm", SHORT, || async {
+        scalar(&env, &confirmed).await == 1
+    })
+    .await;
     let dead = env.drain_dead_letters().await.expect("dlq");
     assert_eq!(dead.len(), 1, "dead-lettered once");
     let deleted = scalar(&env, "SELECT count(*) FROM notion_pages WHERE deleted_at IS NOT NULL").await;

@@ -135,7 +135,8 @@ async fn the_scheduler_reconciles_and_live_metrics_pass_promtool_and_feed_every_
     assert_eq!(metric_value(&worker, "syncfleet_pages_total{change=\"created\"}"), Some(250.0), "{worker}");
     assert_eq!(metric_value(&worker, "syncfleet_jobs_processed_total{outcome=\"succeeded\"}"), Some(1.0));
     assert_eq!(metric_value(&worker, "syncfleet_fence_rejected_writes_total"), Some(0.0));
-    assert_eq!(metric_value(&worker, "syncfleet_worker_concurrency"), Some(2.0));
+    // Two normal slots plus the default one for the high-priority queue.
+    assert_eq!(metric_value(&worker, "syncfleet_worker_concurrency"), Some(3.0));
     assert_eq!(metric_value(&worker, "syncfleet_job_duration_seconds_count"), Some(1.0));
     let queries = metric_value(
         &worker,
