@@ -82,8 +82,8 @@ panels += row("Notion budget: how close to the rate limit?", [
                         (q(f'syncfleet_notion_request_duration_seconds_bucket{{{SEL}}}', ", endpoint", 0.95), "{{endpoint}} p95")], 18, w=6),
 ])
 panels += row("Queue: when to scale?", [
-    lambda: panel("Queue depth", "Messages ready and unacknowledged in the syncfleet queues (from RabbitMQ's per-queue metrics endpoint).",
-                  "short", [('sum by (queue) (rabbitmq_detailed_queue_messages_ready{queue=~".*jobs.*"})', "{{queue}} ready"),
+    lambda: panel("Queue depth", "Messages ready and unacknowledged in the syncfleet queues: <p>.jobs, <p>.jobs.high (manual, API and webhook jobs) and the park queues (jobs over their integration's share), from RabbitMQ's per-queue metrics endpoint.",
+                  "short", [('sum by (queue) (rabbitmq_detailed_queue_messages_ready{queue=~".*(jobs|park).*"})', "{{queue}} ready"),
                             ('sum by (queue) (rabbitmq_detailed_queue_messages_unacked{queue=~".*jobs.*"})', "{{queue}} unacked")], 0, w=6),
     lambda: panel("Queue wait p50 / p95", "Time jobs spend in RabbitMQ before a worker takes them. High wait with budget headroom means: add workers.",
                   "s", [(q(f'syncfleet_job_queue_wait_seconds_bucket{{{SEL}}}', "", qq), f"p{int(qq*100)}") for qq in (0.5, 0.95)], 6, w=6),
@@ -102,8 +102,9 @@ panels += row("Data: what changed, how fresh?", [
                         (f'max by (integration, database) (syncfleet_database_sync_interval_seconds{{namespace=~"$namespace", integration=~"$integration"}})', "{{integration}}/{{database}} interval")], 16),
 ])
 panels += row("Coordination: locks, leases, fences", [
-    lambda: panel("Lock contention", "Jobs per second that found their database locked and were folded into the holder's rerun pass.",
-                  "ops", [(f'sum(rate(syncfleet_lock_contended_total{{{SEL}}}[$__rate_interval]))', "contended")], 0, w=6),
+    lambda: panel("Lock contention and parking", "Jobs per second that found their database locked and were folded into the holder's rerun pass, and jobs parked because their integration already had worker.max_jobs_per_integration jobs running.",
+                  "ops", [(f'sum(rate(syncfleet_lock_contended_total{{{SEL}}}[$__rate_interval]))', "contended"),
+                          (f'sum(rate(syncfleet_jobs_parked_total{{{SEL}}}[$__rate_interval]))', "parked")], 0, w=6),
     lambda: panel("Leases lost", "Database locks whose lease ran out under a running job (a stalled worker or Redis trouble).",
                   "short", [(f'sum(increase(syncfleet_lease_lost_total{{{SEL}}}[$__rate_interval]))', "lost")], 6, w=6),
     lambda: panel("Fence rejections", "Write transactions rejected because a newer lock holder advanced the fence: a stale worker was stopped from overwriting data.",
