@@ -356,9 +356,10 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
         attempt = tracing::field::Empty,
     );
     syncfleet_shared::telemetry::continue_trace(&span, &amqp::trace_headers(&delivery.properties));
-    let settled = std::panic::AssertUnwindSafe(settle(&ctx, &delivery, stop, lane).instrument(span.clone()))
-        .catch_unwind()
-        .await;
+    let settled =
+        std::panic::AssertUnwindSafe(Box::pin(settle(&ctx, &delivery, stop, lane)).instrument(span.clone()))
+            .catch_unwind()
+            .await;
     let outcome = match settled {
         Ok(Settled::Parked) => {
             // Not an attempt: it is counted, and its wait observed, when it runs.

@@ -394,6 +394,9 @@ async fn the_api_authenticates_validates_and_runs_a_job_whose_status_matches_syn
     let (status, overview) = api.get("/v1/overview").await;
     assert_eq!(status, 200, "{overview}");
     assert_eq!(overview["queue"]["consumers"].as_u64(), Some(1), "{overview}");
+    for field in ["ready", "high_ready", "parked"] {
+        assert!(overview["queue"][field].is_u64(), "{field}: {overview}");
+    }
     assert_eq!(overview["integrations"][0]["slug"], "acme");
 
     // The CLI twins answer what the API answers.
