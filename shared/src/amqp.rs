@@ -198,6 +198,11 @@ impl Topology {
                 args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.delay_ms as i64));
                 args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
                 args.insert("x-dead-letter-routing-key".into(), long_string(back_to));
+                // The normal tiers' queues predate this and keep their arguments (a queue's
+                // arguments cannot change once declared); the high ones are new.
+                if back_to == HIGH_ROUTING_KEY {
+                    at_least_once(&mut args);
+                }
                 channel
                     .queue_declare(queue.as_str().into(), queue_opts, args)
                     .await
@@ -222,6 +227,7 @@ impl Topology {
             park_args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(self.park_delay_ms as i64));
             park_args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
             park_args.insert("x-dead-letter-routing-key".into(), long_string(back_to));
+            at_least_once(&mut park_args);
             let queue = self.park_queue(high);
             channel
                 .queue_declare(queue.as_str().into(), queue_opts, park_args)
@@ -271,6 +277,16 @@ impl Topology {
             .await
             .map_err(protocol("queue.bind"))
     }
+}
+
+/// At-least-once dead-lettering (RabbitMQ 3.10+ quorum queues): an expired message leaves the
+/// queue only once its target queue has it, so a work queue that is down or changing leader
+/// during the hop cannot lose it. It needs `reject-publish` overflow (there is no length limit,
+/// so nothing is ever rejected) and, on clusters upgraded from before 3.10, the `stream_queue`
+/// feature flag; without it RabbitMQ falls back to at-most-once.
+fn at_least_once(args: &mut FieldTable) {
+    args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+    args.insert("x-overflow".into(), long_string("reject-publish"));
 }
 
 fn long_string(s: &str) -> AMQPValue {

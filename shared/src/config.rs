@@ -246,6 +246,10 @@ pub struct WorkerSettings {
     /// the cap is parked for `amqp.park_delay_ms` instead of taking a slot, so one integration's
     /// backlog cannot starve another's jobs. Keep it below the fleet's total slots.
     pub max_jobs_per_integration: u16,
+    /// Of those, most high-priority ones at once, so one integration's manual, API or webhook
+    /// jobs cannot take every high-priority slot of the fleet. Keep it below the fleet's high
+    /// slots (replicas × `priority_concurrency`).
+    pub max_high_jobs_per_integration: u16,
     /// Name recorded in `sync_runs.worker`; the host name when unset.
     pub id: Option<String>,
     /// How long in-flight jobs get to reach a checkpoint after SIGTERM.
@@ -264,6 +268,7 @@ impl Default for WorkerSettings {
             concurrency: 4,
             priority_concurrency: 1,
             max_jobs_per_integration: 4,
+            max_high_jobs_per_integration: 1,
             id: None,
             shutdown_grace_secs: 25,
             lease_secs: 30,
@@ -534,6 +539,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "worker.priority_concurrency",
                 reason: "must be between 1 and 512 (high-priority jobs need at least one slot)".into(),
+            });
+        }
+        if self.worker.max_high_jobs_per_integration == 0 {
+            return Err(ConfigError::Invalid {
+                key: "worker.max_high_jobs_per_integration",
+                reason: "must be at least 1".into(),
             });
         }
         if !(100..=600_000).contains(&self.amqp.park_delay_ms) {

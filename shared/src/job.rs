@@ -117,6 +117,15 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The priority a job of this reason gets unless its publisher chose one: what a person or
+    /// a service waits on (manual, API, webhook) is high; background work is normal.
+    pub fn default_priority(self) -> Priority {
+        match self {
+            Reason::Manual | Reason::Api | Reason::Webhook => Priority::High,
+            Reason::Schedule | Reason::Reconcile | Reason::Rerun => Priority::Normal,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Schedule => "schedule",

@@ -205,6 +205,10 @@ impl TestEnv {
                 "SYNCFLEET_WORKER__MAX_JOBS_PER_INTEGRATION".into(),
                 s.worker.max_jobs_per_integration.to_string(),
             ),
+            (
+                "SYNCFLEET_WORKER__MAX_HIGH_JOBS_PER_INTEGRATION".into(),
+                s.worker.max_high_jobs_per_integration.to_string(),
+            ),
             ("SYNCFLEET_AMQP__PARK_DELAY_MS".into(), s.amqp.park_delay_ms.to_string()),
             ("SYNCFLEET_NOTION__CIRCUIT__OPEN_SECS".into(), s.notion.circuit.open_secs.to_string()),
         ]

@@ -356,10 +356,9 @@ async fn process(ctx: Arc<WorkerContext>, delivery: Delivery, stop: Cancellation
         attempt = tracing::field::Empty,
     );
     syncfleet_shared::telemetry::continue_trace(&span, &amqp::trace_headers(&delivery.properties));
-    let settled =
-        std::panic::AssertUnwindSafe(Box::pin(settle(&ctx, &delivery, stop, lane)).instrument(span.clone()))
-            .catch_unwind()
-            .await;
+    let settled = std::panic::AssertUnwindSafe(settle(&ctx, &delivery, stop, lane).instrument(span.clone()))
+        .catch_unwind()
+        .await;
     let outcome = match settled {
         Ok(Settled::Parked) => {
             // Not an attempt: it is counted, and its wait observed, when it runs.
@@ -409,7 +408,7 @@ enum Settled {
 
 /// Runs the job and settles the delivery as decided.
 async fn settle(ctx: &WorkerContext, delivery: &Delivery, stop: CancellationToken, lane: Lane) -> Settled {
-    let handled = run::handle(ctx, &delivery.data, &delivery.properties, stop).await;
+    let handled = run::handle(ctx, &delivery.data, &delivery.properties, stop, lane == Lane::High).await;
     let mut outcome = handled.decision.outcome;
     let settled = match &handled.decision.disposition {
         Disposition::Ack => ack(delivery).await,

@@ -37,15 +37,25 @@ pub struct Handled {
 }
 
 /// Handles one message body. Never panics on input; every failure becomes a decision.
+/// `high_lane`: the delivery came from the high-priority queue. The queue decides the job's
+/// priority (for its retries, parking and share), not the body's informational `priority`.
 pub async fn handle(
     ctx: &WorkerContext,
     body: &[u8],
     props: &BasicProperties,
     shutdown: CancellationToken,
+    high_lane: bool,
 ) -> Handled {
     let attempt = amqp::header_u32(props, ATTEMPT_HEADER).unwrap_or(1).max(1);
     let job = match JobEnvelope::parse(body) {
-        Ok(job) => job,
+        Ok(mut job) => {
+            job.data.priority = match (high_lane, job.data.priority) {
+                (true, _) => Priority::High,
+                (false, Priority::High) => Priority::Normal,
+                (false, other) => other,
+            };
+            job
+        }
         Err(e) => {
             tracing::warn!(error = %e, kind = e.kind(), "Rejecting a message that is not a valid sync job.");
             note_invalid_job(ctx, &e.to_string()).await;
@@ -100,6 +110,25 @@ async fn run_job(
             database.id, database.integration
         ));
     }
+    let decision = lock_and_run(ctx, job, attempt, database, shutdown).await;
+    // A high job that no longer waits drops its mark at once rather than let it hold the
+    // integration's normal jobs back until it expires.
+    if job.data.priority == Priority::High && !matches!(decision.disposition, Disposition::Park) {
+        let (prefix, id) = (&ctx.settings.redis.key_prefix, job.id.to_string());
+        share::forget_waiting(&ctx.redis, prefix, &job.data.integration, &id).await;
+    }
+    decision
+}
+
+/// Takes the database's lock (or coalesces the job into its holder's rerun), then a share of
+/// the integration (or parks the job), runs, releases, and serves a rerun request left pending.
+async fn lock_and_run(
+    ctx: &WorkerContext,
+    job: &JobEnvelope,
+    attempt: u32,
+    database: notion_database::Model,
+    shutdown: CancellationToken,
+) -> Decision {
     let owner = job.id.to_string();
     let guard = match lock::try_acquire(
         &ctx.redis,
@@ -121,7 +150,7 @@ async fn run_job(
     };
     let decision = match admit_share(ctx, job, &shutdown).await {
         Some(share) => {
-            let decision = run_locked(ctx, job, attempt, database, shutdown, &guard).await;
+            let decision = Box::pin(run_locked(ctx, job, attempt, database, shutdown, &guard)).await;
             if let Some(share) = share {
                 share.release().await;
             }
@@ -138,9 +167,9 @@ async fn run_job(
 }
 
 /// A place among the integration's running jobs (`Some(None)`: no cap, or Redis could not
-/// tell), or `None` when the job is to be parked. A high job, which has slots of its own, asks
-/// again for up to one park delay (holding its place as the integration's next job) before it
-/// is parked; a normal one is parked at once.
+/// tell), or `None` when the job is to be parked. The integration's one high job that waits in
+/// place (see `share`) asks again for up to one park delay before it is parked; the others are
+/// parked at once.
 async fn admit_share(
     ctx: &WorkerContext,
     job: &JobEnvelope,
@@ -157,17 +186,18 @@ async fn admit_share(
             job_id: &owner,
             high,
             cap: ctx.settings.worker.max_jobs_per_integration,
+            high_cap: ctx.settings.worker.max_high_jobs_per_integration,
             lease: ctx.lease(),
             park_delay,
         };
         match share::admit(&ctx.redis, request).await {
             share::Admission::Admitted(share) => return Some(share),
-            share::Admission::OverCap
+            share::Admission::OverCap { wait: true }
                 if tokio::time::Instant::now() < patience && !shutdown.is_cancelled() =>
             {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            share::Admission::OverCap => return None,
+            share::Admission::OverCap { .. } => return None,
         }
     }
 }
@@ -210,7 +240,7 @@ async fn database_busy(ctx: &WorkerContext, job: &JobEnvelope, attempt: u32) -> 
         Some(m) if m == SyncMode::Full.as_str() => SyncMode::Full,
         _ => job.data.mode,
     };
-    if let Err(e) = rerun::request(&ctx.db, job.data.database_id, mode).await {
+    if let Err(e) = rerun::request(&ctx.db, job.data.database_id, mode, job.data.priority).await {
         return Busy::Done(unheld(ctx, job, attempt, JobFailure::Db(e)).await);
     }
     let owner = job.id.to_string();
@@ -371,7 +401,9 @@ async fn confirm_takeover(
         Ok(run) => run.is_some_and(|r| r.fence.is_some_and(|f| f > fence)),
         Err(e) => return JobFailure::Db(e),
     };
-    if !same_run_elsewhere && let Err(e) = rerun::request(&ctx.db, job.data.database_id, mode).await {
+    if !same_run_elsewhere
+        && let Err(e) = rerun::request(&ctx.db, job.data.database_id, mode, job.data.priority).await
+    {
         return JobFailure::Db(e);
     }
     tracing::warn!("Another worker took this database over; it will serve this job's request.");
@@ -470,7 +502,7 @@ async fn serve_pending_rerun(ctx: &WorkerContext, job: &JobEnvelope) {
         integration: job.data.integration.clone(),
         database_id: job.data.database_id,
         mode: pending.mode,
-        priority: Priority::Normal,
+        priority: pending.priority(),
         reason: Reason::Rerun,
     };
     let rerun_job = JobEnvelope::new("urn:syncfleet:worker", data);

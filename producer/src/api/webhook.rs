@@ -381,8 +381,10 @@ impl Debouncer {
 }
 
 /// One run of `database` in `mode` that starts after the events, at the least cost: when a run
-/// is queued or running, a rerun request (a run that has not started takes it; a running one
-/// serves it when it ends; the reaper, if neither); otherwise a new job.
+/// is running, or queued in the high-priority queue, a rerun request (a run that has not
+/// started takes it; a running one serves it, high, when it ends; the reaper, if neither);
+/// otherwise a new high-priority job. A run waiting in the normal queue (scheduled, behind a
+/// backlog) or in a retry tier is not waited for.
 async fn serve_database(
     db: &sea_orm::DatabaseConnection,
     publisher: &crate::publish::JobPublisher,
@@ -391,7 +393,7 @@ async fn serve_database(
     mode: SyncMode,
 ) -> Result<&'static str, anyhow::Error> {
     if active_run(db, database).await?.is_some() {
-        rerun::request(db, database, mode).await?;
+        rerun::request(db, database, mode, Priority::High).await?;
         // If the run ended before the request was recorded, publish now rather than wait for
         // the reaper.
         if active_run(db, database).await?.is_some() {
@@ -410,20 +412,22 @@ async fn serve_database(
         Err(PublishError::Unconfirmed { job_id, message }) => {
             // It may run or not: a pending request makes sure a run follows either way.
             tracing::warn!(job_id = %job_id, error = %message, "A webhook job's publish is unconfirmed.");
-            rerun::request(db, database, mode).await?;
+            rerun::request(db, database, mode, Priority::High).await?;
             Ok("job published, unconfirmed; a rerun is requested too")
         }
         Err(e) => Err(e.into()),
     }
 }
 
-/// The newest queued (in the last hour), running or retrying run of `database`.
+/// The newest running run of `database`, or one queued in the last hour for a reason that is
+/// published high (manual, API, webhook).
 async fn active_run<C: ConnectionTrait>(db: &C, database: Uuid) -> Result<Option<String>, sea_orm::DbErr> {
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT status FROM sync_runs WHERE database_id = $1 \
-               AND (status IN ('running', 'retrying') OR (status = 'queued' AND enqueued_at > now() - interval '1 hour')) \
+               AND (status = 'running' OR (status = 'queued' AND reason IN ('manual', 'api', 'webhook') \
+                    AND enqueued_at > now() - interval '1 hour')) \
              ORDER BY enqueued_at DESC LIMIT 1",
             [database.into()],
         ))

@@ -462,7 +462,7 @@ impl Reaper {
                 integration,
                 database_id,
                 mode: pending.mode,
-                priority: Priority::Normal,
+                priority: pending.priority(),
                 reason: Reason::Rerun,
             };
             match publisher.publish(db, "urn:syncfleet:scheduler", data).await {
@@ -504,7 +504,9 @@ impl Reaper {
                 integration: run.integration.clone(),
                 database_id: run.database_id,
                 mode,
-                priority: Priority::Normal,
+                // The run does not keep the priority it was published with; its reason tells
+                // what someone waits on.
+                priority: reason.default_priority(),
                 reason,
             };
             match publisher.publish_as(db, "urn:syncfleet:scheduler", data, run.id).await {

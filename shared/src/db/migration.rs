@@ -49,6 +49,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000006_attempt_markers::Migration),
             Box::new(m20261124_000007_notion_webhooks::Migration),
             Box::new(m20261124_000008_cron_schedules::Migration),
+            Box::new(m20261124_000009_rerun_priority::Migration),
         ]
     }
 }
@@ -419,4 +420,12 @@ ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_fired_at timestam
     down: "ALTER TABLE notion_databases DROP COLUMN IF EXISTS schedule_cron, \
         DROP COLUMN IF EXISTS schedule_tz, DROP COLUMN IF EXISTS schedule_jitter_secs, \
         DROP COLUMN IF EXISTS schedule_fired_at;",
+}
+
+sql_migration! {
+    /// Whether a coalesced rerun request came from a high-priority job (manual, API, webhook):
+    /// its run then goes to the high-priority queue too.
+    m20261124_000009_rerun_priority,
+    up: "ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS rerun_high boolean NOT NULL DEFAULT false;",
+    down: "ALTER TABLE notion_databases DROP COLUMN IF EXISTS rerun_high;",
 }

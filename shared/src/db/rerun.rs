@@ -11,18 +11,28 @@
 //!   in between either sees the request or leaves the lock free for the requester;
 //! - the scheduler's reaper publishes a job for a request left pending with no active run.
 //!
-//! A burst of jobs during one run therefore costs at most one more run.
+//! A burst of jobs during one run therefore costs at most one more run. A request from a
+//! high-priority job (`rerun_high`) is published high too, so coalescing never moves a manual,
+//! API or webhook request behind a scheduled backlog.
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
 use uuid::Uuid;
 
-use crate::job::SyncMode;
+use crate::job::{Priority, SyncMode};
 
-/// A pending request: the mode to run and the sequence number it was read at.
+/// A pending request: the mode to run, whether any requester was high priority, and the
+/// sequence number it was read at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pending {
     pub mode: SyncMode,
+    pub high: bool,
     pub seq: i64,
+}
+
+impl Pending {
+    pub fn priority(&self) -> Priority {
+        if self.high { Priority::High } else { Priority::Normal }
+    }
 }
 
 fn parse_mode(mode: &str) -> SyncMode {
@@ -35,15 +45,22 @@ pub fn strongest(a: SyncMode, b: SyncMode) -> SyncMode {
     if a == SyncMode::Full || b == SyncMode::Full { SyncMode::Full } else { SyncMode::Incremental }
 }
 
-/// Records a request for one more run of `database_id` in `mode` (merged with any pending one).
-pub async fn request<C: ConnectionTrait>(conn: &C, database_id: Uuid, mode: SyncMode) -> Result<(), DbErr> {
+/// Records a request for one more run of `database_id` in `mode` at `priority` (merged with any
+/// pending one: the stronger mode, and high if either is).
+pub async fn request<C: ConnectionTrait>(
+    conn: &C,
+    database_id: Uuid,
+    mode: SyncMode,
+    priority: Priority,
+) -> Result<(), DbErr> {
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "UPDATE notion_databases SET \
              rerun_mode = CASE WHEN rerun_mode = 'full' OR $2 = 'full' THEN 'full' ELSE 'incremental' END, \
+             rerun_high = (rerun_mode IS NOT NULL AND rerun_high) OR $3, \
              rerun_seq = rerun_seq + 1, rerun_requested_at = COALESCE(rerun_requested_at, now()) \
          WHERE id = $1",
-        [database_id.into(), mode.as_str().into()],
+        [database_id.into(), mode.as_str().into(), (priority == Priority::High).into()],
     ))
     .await
     .map(|_| ())
@@ -54,13 +71,17 @@ pub async fn pending<C: ConnectionTrait>(conn: &C, database_id: Uuid) -> Result<
     let row = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT rerun_mode, rerun_seq FROM notion_databases WHERE id = $1 AND rerun_mode IS NOT NULL",
+            "SELECT rerun_mode, rerun_high, rerun_seq FROM notion_databases WHERE id = $1 AND rerun_mode IS NOT NULL",
             [database_id.into()],
         ))
         .await?;
     row.map(|r| {
         let mode: String = r.try_get("", "rerun_mode")?;
-        Ok(Pending { mode: parse_mode(&mode), seq: r.try_get("", "rerun_seq")? })
+        Ok(Pending {
+            mode: parse_mode(&mode),
+            high: r.try_get("", "rerun_high")?,
+            seq: r.try_get("", "rerun_seq")?,
+        })
     })
     .transpose()
 }
@@ -71,7 +92,7 @@ pub async fn clear<C: ConnectionTrait>(conn: &C, database_id: Uuid, pending: Pen
     let result = conn
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "UPDATE notion_databases SET rerun_mode = NULL, rerun_requested_at = NULL \
+            "UPDATE notion_databases SET rerun_mode = NULL, rerun_high = false, rerun_requested_at = NULL \
              WHERE id = $1 AND rerun_seq = $2",
             [database_id.into(), pending.seq.into()],
         ))
@@ -84,7 +105,7 @@ pub async fn take<C: ConnectionTrait>(conn: &C, database_id: Uuid) -> Result<Opt
     let row = conn
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "UPDATE notion_databases d SET rerun_mode = NULL, rerun_requested_at = NULL \
+            "UPDATE notion_databases d SET rerun_mode = NULL, rerun_high = false, rerun_requested_at = NULL \
              FROM (SELECT id, rerun_mode FROM notion_databases WHERE id = $1 FOR UPDATE) old \
              WHERE d.id = old.id AND old.rerun_mode IS NOT NULL \
              RETURNING old.rerun_mode",
@@ -105,7 +126,7 @@ pub async fn stranded<C: ConnectionTrait>(
     let rows = conn
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT d.id, d.integration, d.rerun_mode, d.rerun_seq FROM notion_databases d \
+            "SELECT d.id, d.integration, d.rerun_mode, d.rerun_high, d.rerun_seq FROM notion_databases d \
              WHERE d.rerun_mode IS NOT NULL AND d.rerun_requested_at < now() - make_interval(secs => $1) \
                AND NOT EXISTS (SELECT 1 FROM sync_runs r WHERE r.database_id = d.id \
                                AND (r.status IN ('running', 'retrying') \
@@ -119,7 +140,11 @@ pub async fn stranded<C: ConnectionTrait>(
             Ok((
                 r.try_get("", "id")?,
                 r.try_get("", "integration")?,
-                Pending { mode: parse_mode(&mode), seq: r.try_get("", "rerun_seq")? },
+                Pending {
+                    mode: parse_mode(&mode),
+                    high: r.try_get("", "rerun_high")?,
+                    seq: r.try_get("", "rerun_seq")?,
+                },
             ))
         })
         .collect()

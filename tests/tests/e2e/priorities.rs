@@ -4,6 +4,7 @@
 //! parking). Both print the queue waits they measure (`priorities:` lines, for BENCHMARKS.md).
 
 use nix::sys::signal::Signal;
+use sea_orm::ConnectionTrait;
 use secrecy::SecretString;
 use syncfleet_shared::job::{Priority, Reason, SyncDatabaseJob, SyncMode};
 use syncfleet_tests::harness::TestEnv;
@@ -84,8 +85,7 @@ async fn a_manual_job_goes_ahead_of_a_backlog_of_500_scheduled_jobs() {
     let ids = register_with_token(&env, "acme", &token, 0..21).await;
     // The backlog covers 20 databases; the manual job is for the 21st, so it is never coalesced.
     let (manual_db, ids) = (ids[20], &ids[..20]);
-    // Priorities alone: the per-integration share is the next test's subject.
-    env.settings.worker.max_jobs_per_integration = 0;
+    // With the default share (4): the backlog's two running jobs leave room for the manual one.
     env.spawn_worker(2).expect("worker");
 
     let backlog = env
@@ -125,6 +125,52 @@ async fn a_manual_job_goes_ahead_of_a_backlog_of_500_scheduled_jobs() {
     assert!(untouched >= 300, "the manual job ran only after {} of 500 backlog jobs", 500 - untouched);
     // At most one job's duration per slot (here it takes a slot of its own: no wait at all).
     assert!(wait < job_ms.max(1000.0) * 2.0, "queue wait {wait:.0} ms against a job of {job_ms:.0} ms");
+
+    // A manual job for a database the backlog is syncing right now is coalesced into that run;
+    // the rerun its holder then publishes keeps the high priority, so it too runs ahead of the
+    // backlog (or the manual job runs itself, if that run ended first).
+    // Slower answers make each backlog run last long enough for the manual job to meet it.
+    env.sim_admin("config", serde_json::json!({"latency_ms": 1500})).await.expect("slower");
+    let syncing = format!(
+        "SELECT database_id FROM sync_runs WHERE id IN ({backlog_ids}) AND status = 'running' LIMIT 1"
+    );
+    let target = std::cell::Cell::new(None::<Uuid>);
+    until("a backlog run to be running", LONG, || async {
+        let row = env
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, syncing.clone()))
+            .await
+            .expect("query");
+        target.set(row.map(|r| r.try_get::<Uuid>("", "database_id").expect("uuid")));
+        target.get().is_some()
+    })
+    .await;
+    let target = target.get().expect("a database being synced");
+    let out = cli_text(&env, &["enqueue", "--database", &target.to_string(), "--json"]).await;
+    let coalesced: Uuid = serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["job_id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("job id");
+    let served = format!(
+        "SELECT count(*) FROM sync_runs r, sync_runs m WHERE m.id = '{coalesced}' AND r.database_id = '{target}' \
+         AND r.status = 'succeeded' AND (r.id = m.id OR (r.reason = 'rerun' AND r.enqueued_at >= m.enqueued_at))"
+    );
+    until("the coalesced manual request to be served", LONG, || async {
+        env.scalar::<i64>(&served).await >= 1
+    })
+    .await;
+    let how: String = env.scalar(&format!("SELECT status FROM sync_runs WHERE id = '{coalesced}'")).await;
+    let untouched: i64 = env
+        .scalar(&format!("SELECT count(*) FROM sync_runs WHERE id IN ({backlog_ids}) AND status = 'queued'"))
+        .await;
+    println!(
+        "priorities: a manual job for a database being synced was {how}; served with {untouched} backlog jobs not yet started"
+    );
+    assert!(
+        untouched >= 250,
+        "the coalesced manual request was served only after {} of 500 backlog jobs",
+        500 - untouched
+    );
     env.cleanup().await;
 }
 
@@ -183,27 +229,80 @@ async fn one_integrations_thousand_jobs_do_not_starve_anothers_single_job() {
     let most_running = most_running.get();
     assert!(most_running <= CAP, "{most_running} runs of one integration at once over a cap of {CAP}");
 
-    // A high-priority job of the busy integration, which is at its cap: the next of its slots
-    // is kept for it, so normal jobs of the integration do not keep taking it.
+    // A high-priority job of the busy integration, which is at its cap: from the moment it is
+    // marked waiting, no normal job of the integration starts before it.
     let high =
         env.publish_all([job("busy", busy[3], Priority::High, Reason::Manual)]).await.expect("high")[0];
+    let pool = syncfleet_shared::redis_pool::connect(&env.settings.redis).await.expect("redis");
+    let waiting = format!("{}:share:{{busy}}:waiting", env.settings.redis.key_prefix);
+    let left = format!("SELECT count(*) FROM sync_runs WHERE id = '{high}' AND {LEFT_QUEUE} IS NOT NULL");
+    let marked_at = std::cell::Cell::new(None::<f64>);
+    until("the high job to wait or start", LONG, || async {
+        let mut conn = pool.get().await.expect("redis connection");
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&waiting)
+            .arg(high.to_string())
+            .query_async(&mut conn)
+            .await
+            .expect("zscore");
+        if score.is_some() {
+            let now: f64 = env.scalar("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::float8").await;
+            marked_at.set(Some(now));
+            return true;
+        }
+        env.scalar::<i64>(&left).await == 1
+    })
+    .await;
     let run = env.wait_run(high, LONG).await.expect("the high run");
     assert!(matches!(run.status.as_str(), "succeeded" | "skipped"), "{}: {}", run.status, env.log_tail());
-    let overtaken: i64 = env
+    let high_wait = queue_wait_ms(&env, high).await;
+    match marked_at.get() {
+        Some(marked_ms) => {
+            // Normal jobs admitted just before the mark may record their start just after it:
+            // at most the cap's worth.
+            let overtaken: i64 = env
+                .scalar(&format!(
+                    "SELECT count(*) FROM sync_runs r, sync_runs h WHERE h.id = '{high}' AND r.id IN ({}) \
+                     AND r.started_at > to_timestamp({marked_ms} / 1000.0) \
+                     AND r.started_at < COALESCE(h.started_at, h.finished_at)",
+                    id_list(&backlog),
+                ))
+                .await;
+            println!(
+                "priorities: a high-priority job of the capped integration waited {high_wait:.0} ms; \
+                 {overtaken} of its normal jobs started after it was marked waiting"
+            );
+            assert!(
+                overtaken <= CAP,
+                "{overtaken} normal jobs of the integration started ahead of its waiting high job"
+            );
+        }
+        None => println!("priorities: the high-priority job found a free share at once ({high_wait:.0} ms)"),
+    }
+
+    // The high lane is fair too: a hundred high jobs of the busy integration (each worker has
+    // one high slot; only one of them waits in place, the others park) do not hold the quiet
+    // integration's high job back.
+    let busy_high = env
+        .publish_all((0..100).map(|i| job("busy", busy[i % busy.len()], Priority::High, Reason::Api)))
+        .await
+        .expect("busy high jobs");
+    let quiet_high =
+        env.publish_all([job("quiet", quiet, Priority::High, Reason::Manual)]).await.expect("quiet high")[0];
+    let run = env.wait_run(quiet_high, LONG).await.expect("the quiet high run");
+    assert_eq!(run.status, "succeeded", "{}", env.log_tail());
+    let open_high: i64 = env
         .scalar(&format!(
-            "SELECT count(*) FROM sync_runs r, sync_runs h WHERE h.id = '{high}' AND r.id IN ({}) \
-             AND r.started_at > h.enqueued_at AND r.started_at < COALESCE(h.started_at, h.finished_at)",
-            id_list(&backlog)
+            "SELECT count(*) FROM sync_runs WHERE id IN ({}) AND finished_at IS NULL",
+            id_list(&busy_high)
         ))
         .await;
-    let high_wait = queue_wait_ms(&env, high).await;
+    let quiet_wait = queue_wait_ms(&env, quiet_high).await;
     println!(
-        "priorities: a high-priority job of the capped integration waited {high_wait:.0} ms; {overtaken} of its normal jobs started meanwhile"
+        "priorities: the quiet integration's high job waited {quiet_wait:.0} ms behind 100 high jobs of the busy one \
+         ({open_high} of them still open)"
     );
-    assert!(
-        overtaken <= CAP,
-        "{overtaken} normal jobs of the integration started ahead of its high-priority job"
-    );
+    assert!(open_high >= 50, "the quiet high job finished only after {} of the 100", 100 - open_high);
 
     // kill -9 the whole fleet mid-backlog: the shares the dead workers held expire with their
     // lease, and a new worker carries on with the backlog.
