@@ -93,6 +93,14 @@ pub enum Priority {
 }
 
 impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
     /// AMQP message priority (0–9).
     pub fn amqp_priority(self) -> u8 {
         match self {
@@ -117,15 +125,6 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// The priority a job of this reason gets unless its publisher chose one: what a person or
-    /// a service waits on (manual, API, webhook) is high; background work is normal.
-    pub fn default_priority(self) -> Priority {
-        match self {
-            Reason::Manual | Reason::Api | Reason::Webhook => Priority::High,
-            Reason::Schedule | Reason::Reconcile | Reason::Rerun => Priority::Normal,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Schedule => "schedule",

@@ -61,9 +61,10 @@ end
 local running = redis.call('ZCARD', KEYS[1])
 local cap = tonumber(ARGV[3])
 if high then
-  -- Another high job of the integration runs: park, without holding a slot or the normal
-  -- jobs back (the integration's next high job gets in when this one returns).
+  -- As many high jobs of the integration run as it may have: park, without holding a slot
+  -- or the normal jobs back (the integration's next high job gets in when this one returns).
   if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then
+    redis.call('ZREM', KEYS[2], ARGV[1])
     return 0
   end
   if running < cap then
@@ -78,7 +79,8 @@ if high then
   end
   return 0
 end
-if running < cap and redis.call('ZCARD', KEYS[2]) == 0 then
+-- A normal job waits for the high jobs marked waiting, unless none of them could run now.
+if running < cap and (redis.call('ZCARD', KEYS[2]) == 0 or redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7])) then
   return admit()
 end
 return 0

@@ -419,14 +419,13 @@ async fn serve_database(
     }
 }
 
-/// The newest running run of `database`, or one queued in the last hour for a reason that is
-/// published high (manual, API, webhook).
+/// The newest running run of `database`, or one queued high in the last hour.
 async fn active_run<C: ConnectionTrait>(db: &C, database: Uuid) -> Result<Option<String>, sea_orm::DbErr> {
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT status FROM sync_runs WHERE database_id = $1 \
-               AND (status = 'running' OR (status = 'queued' AND reason IN ('manual', 'api', 'webhook') \
+               AND (status = 'running' OR (status = 'queued' AND priority = 'high' \
                     AND enqueued_at > now() - interval '1 hour')) \
              ORDER BY enqueued_at DESC LIMIT 1",
             [database.into()],

@@ -496,17 +496,17 @@ impl Reaper {
         for run in stuck {
             let mode = serde_json::from_value::<SyncMode>(serde_json::Value::String(run.mode.clone()));
             let reason = serde_json::from_value::<Reason>(serde_json::Value::String(run.reason.clone()));
-            let (Ok(mode), Ok(reason)) = (mode, reason) else {
-                tracing::warn!(run = %run.id, "An unconfirmed run has an unknown mode or reason; not published again.");
+            let priority =
+                serde_json::from_value::<Priority>(serde_json::Value::String(run.priority.clone()));
+            let (Ok(mode), Ok(reason), Ok(priority)) = (mode, reason, priority) else {
+                tracing::warn!(run = %run.id, "An unconfirmed run has an unknown mode, reason or priority; not published again.");
                 continue;
             };
             let data = SyncDatabaseJob {
                 integration: run.integration.clone(),
                 database_id: run.database_id,
                 mode,
-                // The run does not keep the priority it was published with; its reason tells
-                // what someone waits on.
-                priority: reason.default_priority(),
+                priority,
                 reason,
             };
             match publisher.publish_as(db, "urn:syncfleet:scheduler", data, run.id).await {

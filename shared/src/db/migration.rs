@@ -423,9 +423,15 @@ ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS schedule_fired_at timestam
 }
 
 sql_migration! {
-    /// Whether a coalesced rerun request came from a high-priority job (manual, API, webhook):
-    /// its run then goes to the high-priority queue too.
+    /// Priorities: whether a coalesced rerun request came from a high-priority job (its run then
+    /// goes to the high-priority queue too), and the priority a run was published with (so a
+    /// run published again keeps it, and a webhook knows which queue a queued run waits in).
     m20261124_000009_rerun_priority,
-    up: "ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS rerun_high boolean NOT NULL DEFAULT false;",
-    down: "ALTER TABLE notion_databases DROP COLUMN IF EXISTS rerun_high;",
+    up: r#"
+ALTER TABLE notion_databases ADD COLUMN IF NOT EXISTS rerun_high boolean NOT NULL DEFAULT false;
+ALTER TABLE sync_runs ADD COLUMN IF NOT EXISTS priority text NOT NULL DEFAULT 'normal'
+    CHECK (priority IN ('low', 'normal', 'high'));
+"#,
+    down: "ALTER TABLE notion_databases DROP COLUMN IF EXISTS rerun_high; \
+        ALTER TABLE sync_runs DROP COLUMN IF EXISTS priority;",
 }

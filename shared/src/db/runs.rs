@@ -109,9 +109,9 @@ fn job_values<const N: usize>(job: &JobEnvelope, more: [sea_orm::Value; N]) -> V
 pub async fn insert_queued<C: ConnectionTrait>(conn: &C, job: &JobEnvelope) -> Result<(), DbErr> {
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "INSERT INTO sync_runs (id, database_id, integration, mode, reason, status, enqueued_at) \
-         VALUES ($1, $2, $3, $4, $5, 'queued', COALESCE($6, now())) ON CONFLICT (id) DO NOTHING",
-        job_values(job, [job.time.into()]),
+        "INSERT INTO sync_runs (id, database_id, integration, mode, reason, status, enqueued_at, priority) \
+         VALUES ($1, $2, $3, $4, $5, 'queued', COALESCE($6, now()), $7) ON CONFLICT (id) DO NOTHING",
+        job_values(job, [job.time.into(), job.data.priority.as_str().into()]),
     ))
     .await
     .map(|_| ())
@@ -387,6 +387,8 @@ pub struct Unconfirmed {
     pub integration: String,
     pub mode: String,
     pub reason: String,
+    /// `low`, `normal` or `high`, as first published.
+    pub priority: String,
 }
 
 /// Runs still `queued` with `publish_unconfirmed` this long after their last publish.
@@ -397,7 +399,7 @@ pub async fn unconfirmed<C: ConnectionTrait>(
     let rows = conn
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT id, database_id, integration, mode, reason FROM sync_runs \
+            "SELECT id, database_id, integration, mode, reason, priority FROM sync_runs \
              WHERE status = 'queued' AND error_kind = 'publish_unconfirmed' \
                AND COALESCE(heartbeat_at, enqueued_at) < now() - make_interval(secs => $1) \
              ORDER BY enqueued_at LIMIT 100",
@@ -412,6 +414,7 @@ pub async fn unconfirmed<C: ConnectionTrait>(
                 integration: r.try_get("", "integration")?,
                 mode: r.try_get("", "mode")?,
                 reason: r.try_get("", "reason")?,
+                priority: r.try_get("", "priority")?,
             })
         })
         .collect()
