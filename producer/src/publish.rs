@@ -149,13 +149,8 @@ impl JobPublisher {
         };
         let topology = Topology::new(&self.settings);
         let declared = tokio::time::timeout(limit, async {
-            let mut counts = Vec::with_capacity(3);
-            for queue in [
-                topology.jobs_queue(),
-                topology.high_queue(),
-                topology.park_queue(false),
-                topology.park_queue(true),
-            ] {
+            let mut counts = Vec::with_capacity(4);
+            for queue in topology.work_queues().into_iter().chain(topology.park_queues()) {
                 let q = channel
                     .queue_declare(
                         queue.as_str().into(),

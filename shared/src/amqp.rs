@@ -121,6 +121,10 @@ impl Topology {
     pub fn park_queue(&self, high: bool) -> String {
         format!("{}.park.{}", self.prefix, self.park_key(high))
     }
+    /// Both park queues, normal first.
+    pub fn park_queues(&self) -> [String; 2] {
+        [self.park_queue(false), self.park_queue(true)]
+    }
     pub fn park_key(&self, high: bool) -> String {
         if high { format!("{}ms.high", self.park_delay_ms) } else { format!("{}ms", self.park_delay_ms) }
     }
@@ -240,13 +244,9 @@ impl Topology {
 
     /// Deletes every queue and exchange of this prefix (tests, demos, decommissioning).
     pub async fn delete(&self, channel: &Channel) -> Result<(), AmqpError> {
-        let mut queues = vec![
-            self.jobs_queue(),
-            self.high_queue(),
-            self.dead_queue(),
-            self.park_queue(false),
-            self.park_queue(true),
-        ];
+        let mut queues = vec![self.dead_queue()];
+        queues.extend(self.work_queues());
+        queues.extend(self.park_queues());
         queues.extend(self.tiers.iter().flat_map(|t| [self.retry_queue(t), self.high_retry_queue(t)]));
         for queue in queues {
             channel

@@ -125,7 +125,7 @@ impl TestEnv {
     pub async fn jobs_waiting(&self) -> anyhow::Result<u32> {
         let t = Topology::new(&self.settings.amqp);
         let mut total = 0;
-        for queue in [t.jobs_queue(), t.high_queue(), t.park_queue(false), t.park_queue(true)] {
+        for queue in t.work_queues().into_iter().chain(t.park_queues()) {
             total += self.queue_ready(&queue).await?;
         }
         Ok(total)

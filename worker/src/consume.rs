@@ -244,9 +244,17 @@ impl Worker {
             tracing::warn!("Grace period over; closing with jobs unfinished (RabbitMQ redelivers them).");
             tasks.abort_all();
         }
-        let _ = self.channel.close(200, "worker shutdown".into()).await;
-        let _ = self.high_channel.close(200, "worker shutdown".into()).await;
-        let _ = self.connection.close(200, "worker shutdown".into()).await;
+        // Closing only tells the broker politely; whatever is still unacked returns to the
+        // queue either way, so a failure here is logged, not acted on.
+        for (what, closed) in [
+            ("channel", self.channel.close(200, "worker shutdown".into()).await),
+            ("high-priority channel", self.high_channel.close(200, "worker shutdown".into()).await),
+            ("connection", self.connection.close(200, "worker shutdown".into()).await),
+        ] {
+            if let Err(e) = closed {
+                tracing::debug!(error = %e, "Closing the RabbitMQ {what} failed.");
+            }
+        }
         self.ctx.db.clone().close().await.ok();
         self.ops_stop.cancel();
         tracing::info!("Worker stopped.");
@@ -255,9 +263,7 @@ impl Worker {
             None => Ok(()),
         }
     }
-}
 
-impl Worker {
     /// Consumes one lane's queue on its channel, with prefetch = the lane's slots.
     async fn consume(
         &self,

@@ -106,7 +106,7 @@ return 1
 "#;
 
 /// `<prefix>:share:{<integration>}:running`.
-pub fn running_key(prefix: &str, integration: &str) -> String {
+fn running_key(prefix: &str, integration: &str) -> String {
     format!("{prefix}:share:{{{integration}}}:running")
 }
 
