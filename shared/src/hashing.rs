@@ -1,5 +1,9 @@
 //! Stable hashing of JSON values: the same content gives the same hash whatever the key order.
 
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -40,6 +44,191 @@ pub fn hash_map(h: &mut Sha256, map: &serde_json::Map<String, Value>) {
     }
 }
 
+/// A JSON value parsed without copying what it can borrow: strings without escapes stay slices
+/// of the input, and objects stay vectors of entries (no map is built). Hashing it feeds exactly
+/// what [`hash_value`] feeds for the same text parsed into a [`Value`], so a page can be hashed
+/// straight from its response text.
+#[derive(Debug)]
+pub enum Node<'a> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    Str(Cow<'a, str>),
+    Array(Vec<Node<'a>>),
+    /// In input order, duplicate keys included (the last one wins, as in a [`Value`]).
+    Object(Vec<(Cow<'a, str>, Node<'a>)>),
+}
+
+impl<'a> Node<'a> {
+    /// Parses `text` (one JSON value), borrowing from it.
+    pub fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The member `key` of an object (its last occurrence), like [`Value::get`].
+    pub fn get(&self, key: &str) -> Option<&Node<'a>> {
+        match self {
+            Node::Object(entries) => entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Node::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Node::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Node<'a>]> {
+        match self {
+            Node::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// Feeds the value into `h` exactly as [`hash_value`] feeds the equivalent [`Value`].
+    pub fn hash_into(&self, h: &mut Sha256) {
+        match self {
+            Node::Null => h.update(b"n"),
+            Node::Bool(b) => h.update(if *b { b"t" } else { b"f" }),
+            Node::Number(n) => {
+                h.update(b"#");
+                h.update(n.to_string().as_bytes());
+            }
+            Node::Str(s) => {
+                h.update(b"s");
+                h.update((s.len() as u64).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+            Node::Array(items) => {
+                h.update(b"[");
+                h.update((items.len() as u64).to_le_bytes());
+                for item in items {
+                    item.hash_into(h);
+                }
+            }
+            Node::Object(entries) => {
+                hash_entries(h, entries.iter().map(|(k, v)| (k.as_ref(), v)), |h, v| v.hash_into(h))
+            }
+        }
+    }
+}
+
+/// Feeds object entries into `h` as [`hash_map`] feeds the map they make: keys in byte order,
+/// and of duplicate keys only the last (as building a `serde_json::Map` would keep).
+pub fn hash_entries<'k, T>(
+    h: &mut Sha256,
+    entries: impl Iterator<Item = (&'k str, T)>,
+    hash: impl Fn(&mut Sha256, T),
+) {
+    let mut sorted: Vec<(&str, T)> = entries.collect();
+    // Stable: equal keys keep input order, so the last of each run is the one a map keeps.
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let kept = sorted.len() - sorted.windows(2).filter(|w| w[0].0 == w[1].0).count();
+    h.update(b"{");
+    h.update((kept as u64).to_le_bytes());
+    let mut entries = sorted.into_iter().peekable();
+    while let Some((k, v)) = entries.next() {
+        if entries.peek().is_some_and(|(next, _)| *next == k) {
+            continue;
+        }
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        hash(h, v);
+    }
+}
+
+/// A string that borrows from the input when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Node<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Node::Bool(v))
+            }
+            // Numbers as `Value` reads them, so their text (and hash) is the same.
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Node::Number(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Node::Number(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(serde_json::Number::from_f64(v).map_or(Node::Null, Node::Number))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Node::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Node::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Node::Str(Cow::Owned(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Node::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Node::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                Node::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Node::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((Text(k), v)) = map.next_entry::<Text<'de>, Node<'de>>()? {
+                    entries.push((k, v));
+                }
+                Ok(Node::Object(entries))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Hex SHA-256 of one JSON value.
 pub fn json_hash(v: &Value) -> String {
     let mut h = Sha256::new();
@@ -58,5 +247,39 @@ mod tests {
         let c: Value = serde_json::from_str(r#"{"b":{"c":["x",1]},"a":1}"#).expect("json");
         assert_eq!(json_hash(&a), json_hash(&b));
         assert_ne!(json_hash(&a), json_hash(&c));
+    }
+
+    fn node_hash(text: &str) -> String {
+        let mut h = Sha256::new();
+        Node::parse(text).expect("json").hash_into(&mut h);
+        hex::encode(h.finalize())
+    }
+
+    #[test]
+    fn a_node_hashes_exactly_like_the_value_of_the_same_text() {
+        let texts = [
+            r#"null"#,
+            r#"{"b":1,"a":[true,false,null],"c":{"z":"x","y":-3}}"#,
+            // Duplicate keys: the last occurrence wins, in the key's sorted place.
+            r#"{"k":1,"a":2,"k":{"n":[1,2]},"a":"last"}"#,
+            // Escapes (owned strings), unicode, and numbers whose text a float rewrites.
+            r#"{"s":"q\"uote\\ \u201cx\u201d \ud83d\ude00","n":[1.0,1e2,-0.0,0.1,12345678901234567890,123456789012345678901234567890,-9223372036854775808,2.5e-7]}"#,
+            r#"[{"":""},{"a":{}},[],[[[]]],"é"]"#,
+        ];
+        for text in texts {
+            let value: Value = serde_json::from_str(text).expect("json");
+            assert_eq!(node_hash(text), json_hash(&value), "{text}");
+        }
+        assert_ne!(node_hash(r#"{"a":1,"a":2}"#), node_hash(r#"{"a":2,"a":1}"#));
+    }
+
+    #[test]
+    fn a_node_borrows_plain_strings_and_reads_members() {
+        let text = r#"{"id":"x%3A1","type":"rich_text","esc":"a\\nb","id":"last"}"#;
+        let node = Node::parse(text).expect("json");
+        assert_eq!(node.get("id").and_then(Node::as_str), Some("last"));
+        assert!(matches!(node.get("type"), Some(Node::Str(Cow::Borrowed(_)))));
+        assert!(matches!(node.get("esc"), Some(Node::Str(Cow::Owned(_)))));
+        assert!(node.get("missing").is_none());
     }
 }

@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use crate::chains::{self, Chain, Progress};
 use crate::error::JobFailure;
-use crate::transform::{self, InvalidPage};
+use crate::transform::{self, InvalidPage, Outcome, Read};
 use crate::write::record_unsaved_requests;
 
 /// Notion cursors expire; a chain restarts its query from its last position when one is
@@ -203,11 +203,19 @@ impl SyncRun {
             };
             let started = *run_started.get_or_insert_with(|| response.server_time.unwrap_or_else(Utc::now));
             let list = response.body;
-            let (mut pages, mut invalid) = transform::parse_results(list.results);
-            for page in &mut pages {
-                self.complete_values(page).await?;
+            let (mut reads, mut invalid) = transform::parse_results(&list.results, &self.mapping, &self.schema);
+            for (index, read) in &mut reads {
+                if let Outcome::Truncated(truncated) = &read.outcome {
+                    let text = list.results[*index].get();
+                    let completed = self.complete_values(read.id, text, truncated).await?;
+                    read.outcome = transform::complete(text, &completed, &self.mapping, &self.schema);
+                }
             }
-            let last = pages.iter().max_by_key(|p| (field.of(p), p.id)).map(|p| (field.of(p), p.id));
+            let sort_time = |r: &Read| match field {
+                Timestamp::CreatedTime => r.created_time,
+                Timestamp::LastEditedTime => r.last_edited_time,
+            };
+            let last = reads.iter().map(|(_, r)| (sort_time(r), r.id)).max();
             let checkpoint = last.map(|(sort_time, page_id)| Checkpoint {
                 sort_time,
                 page_id,
@@ -223,13 +231,16 @@ impl SyncRun {
                     }
                 });
             }
-            let mut rows: Vec<PageRow> = Vec::with_capacity(pages.len());
-            for page in pages {
-                match transform::to_row(page, &self.mapping, &self.schema) {
-                    Ok(row) => rows.push(row),
-                    Err(bad) => invalid.push(bad),
+            let mut rows: Vec<PageRow> = Vec::with_capacity(reads.len());
+            for (_, read) in reads {
+                match read.outcome {
+                    Outcome::Row(row) => rows.push(row),
+                    Outcome::Invalid(bad) => invalid.push(bad),
+                    // Completed above.
+                    Outcome::Truncated(_) => {}
                 }
             }
+            drop(list.results);
             tracing::debug!(
                 rows = rows.len(),
                 fetch_ms = fetch_started.elapsed().as_millis() as u64,
@@ -253,16 +264,19 @@ impl SyncRun {
     /// items) from `GET /v1/pages/{id}/properties/{property_id}`, page by page, under the budget.
     pub(crate) async fn complete_values(
         &self,
-        page: &mut syncfleet_shared::notion::types::Page,
-    ) -> Result<(), JobFailure> {
-        for (property_id, ty) in transform::truncated_properties(page) {
+        page_id: Uuid,
+        page: &str,
+        truncated: &[(String, String)],
+    ) -> Result<transform::Completed, JobFailure> {
+        let mut completed = Vec::with_capacity(truncated.len());
+        for (property_id, ty) in truncated {
             let mut items = Vec::new();
             let mut cursor: Option<String> = None;
             loop {
                 let mut path = format!(
                     "/v1/pages/{}/properties/{}?page_size=100",
-                    page.id,
-                    encode_path_segment(&property_id)
+                    page_id,
+                    encode_path_segment(property_id)
                 );
                 if let Some(c) = &cursor {
                     path.push_str("&start_cursor=");
@@ -276,9 +290,11 @@ impl SyncRun {
                     _ => break,
                 }
             }
-            transform::complete_property(page, &property_id, &ty, items);
+            completed.extend(
+                transform::completed_value(page, property_id, ty, items).map(|v| (property_id.clone(), v)),
+            );
         }
-        Ok(())
+        Ok(completed)
     }
 }
 

@@ -1,191 +1,502 @@
-//! From Notion's page objects to rows: parsing that isolates bad pages, and a stable content hash.
+//! From Notion's page objects to rows, straight from each result's text: one parse, no JSON tree
+//! kept, no map built. The properties are stored as the text Notion sent (re-keyed by property
+//! id), and the content hash is computed over a borrowed parse of that text, so a page costs one
+//! scan, one hash and one copy. Bad pages are isolated, not fatal.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 
+use chrono::{DateTime, Utc};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use syncfleet_shared::db::pages::PageRow;
-use syncfleet_shared::hashing::{hash_map, hash_value};
+use syncfleet_shared::hashing::{Node, hash_entries};
 use syncfleet_shared::mapping::Mapping;
-use syncfleet_shared::notion::types::Page;
+use syncfleet_shared::notion::types::UserRef;
+use uuid::Uuid;
 
 /// A result that could not be turned into a page, kept for `sync_page_errors`.
 #[derive(Debug, Clone)]
 pub struct InvalidPage {
     pub page_id: Option<String>,
     pub reason: String,
-    /// The page as Notion sent it (when it parsed far enough to have one).
+    /// The page as Notion sent it, properties keyed by id (when it parsed far enough).
     pub page: Option<Value>,
 }
 
-/// Re-keys a page's properties by property id (stable across renames); each value keeps its
-/// `id` and `type`. A value without an id keeps its name as key.
-pub fn key_by_id(properties: serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
-    properties
-        .into_iter()
-        .map(|(name, value)| {
-            let id = value.get("id").and_then(Value::as_str).map(str::to_string).unwrap_or(name);
-            (id, value)
-        })
-        .collect()
+/// Values completed from the property endpoint, by property id, as JSON text.
+pub type Completed = Vec<(String, Box<RawValue>)>;
+
+/// What one page result becomes.
+#[derive(Debug)]
+pub enum Outcome {
+    Row(PageRow),
+    /// It fails the database's mapping.
+    Invalid(InvalidPage),
+    /// Values the page object truncated (property id, type): complete them, then read it again
+    /// with [`complete`].
+    Truncated(Vec<(String, String)>),
 }
 
-/// Property values the page object truncated (Notion returns at most 25 references): relations
-/// that say `has_more`, and people or rich-text lists that reached 25 items. Returns their ids.
-pub fn truncated_properties(page: &Page) -> Vec<(String, String)> {
-    page.properties
-        .values()
-        .filter_map(|v| {
-            let id = v.get("id")?.as_str()?;
-            let ty = v.get("type")?.as_str()?;
-            let truncated = match ty {
-                "relation" => v.get("has_more").and_then(Value::as_bool).unwrap_or(false),
-                "people" | "rich_text" | "title" => {
-                    v.get(ty).and_then(Value::as_array).is_some_and(|a| a.len() >= 25)
+/// A page result, read.
+#[derive(Debug)]
+pub struct Read {
+    pub id: Uuid,
+    pub created_time: DateTime<Utc>,
+    pub last_edited_time: DateTime<Utc>,
+    /// In the trash or archived, under any API version.
+    pub gone: bool,
+    pub outcome: Outcome,
+}
+
+/// What a result is.
+#[derive(Debug)]
+pub enum Scanned {
+    /// Another kind of object (a query can answer them); skipped.
+    NotAPage,
+    /// It claims to be a page but is not a valid one.
+    Malformed(InvalidPage),
+    Page(Read),
+}
+
+/// The fields of a page object that a row needs, borrowing from its text.
+#[derive(Deserialize)]
+struct PageView<'a> {
+    #[serde(default, borrow)]
+    object: Option<Cow<'a, str>>,
+    id: Uuid,
+    created_time: DateTime<Utc>,
+    last_edited_time: DateTime<Utc>,
+    #[serde(default)]
+    created_by: Option<UserRef>,
+    #[serde(default)]
+    last_edited_by: Option<UserRef>,
+    #[serde(default)]
+    archived: bool,
+    #[serde(default)]
+    in_trash: bool,
+    /// 2026-03-11 and later.
+    #[serde(default)]
+    is_archived: Option<bool>,
+    #[serde(default, borrow)]
+    url: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    icon: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    cover: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    properties: Properties<'a>,
+}
+
+/// A page's properties as `(name, value text)` in the order sent (duplicates included).
+#[derive(Default)]
+struct Properties<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Properties<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Properties<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of property values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                /// A key that borrows from the text when it has no escapes.
+                struct Key<'a>(Cow<'a, str>);
+                impl<'de> Deserialize<'de> for Key<'de> {
+                    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                        #[derive(Deserialize)]
+                        struct K<'a>(#[serde(borrow)] Cow<'a, str>);
+                        K::deserialize(d).map(|k| Key(k.0))
+                    }
                 }
-                _ => false,
-            };
-            truncated.then(|| (id.to_string(), ty.to_string()))
-        })
-        .collect()
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some((Key(name), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    out.push((name, value));
+                }
+                Ok(Properties(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
-/// Replaces a truncated value with the complete list read from the property endpoint.
-pub fn complete_property(page: &mut Page, property_id: &str, ty: &str, items: Vec<Value>) {
-    let Some(value) =
-        page.properties.values_mut().find(|v| v.get("id").and_then(Value::as_str) == Some(property_id))
-    else {
-        return;
+/// One property, read: the key it is stored under (its id, else its name) and its value.
+struct Property<'a> {
+    id: Cow<'a, str>,
+    text: &'a RawValue,
+    value: Node<'a>,
+}
+
+impl<'a> Property<'a> {
+    fn read(name: Cow<'a, str>, text: &'a RawValue) -> Result<Self, serde_json::Error> {
+        let value = Node::parse(text.get())?;
+        let id = match value.get("id") {
+            Some(Node::Str(id)) => id.clone(),
+            _ => name,
+        };
+        Ok(Property { id, text, value })
+    }
+
+    /// Whether the page object cut this value short (Notion returns at most 25 references):
+    /// a relation that says `has_more`, or a people or rich-text list of 25 or more items.
+    fn truncated(&self) -> Option<(String, String)> {
+        let id = self.value.get("id")?.as_str()?;
+        let ty = self.value.get("type")?.as_str()?;
+        let truncated = match ty {
+            "relation" => self.value.get("has_more").and_then(Node::as_bool).unwrap_or(false),
+            "people" | "rich_text" | "title" => {
+                self.value.get(ty).and_then(Node::as_array).is_some_and(|a| a.len() >= 25)
+            }
+            _ => false,
+        };
+        truncated.then(|| (id.to_string(), ty.to_string()))
+    }
+}
+
+/// Keeps the last of each run of equal keys in a list sorted (stably) by that key.
+fn keep_last<T, K: PartialEq>(items: Vec<T>, key: impl Fn(&T) -> &K) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for item in items {
+        if out.last().is_some_and(|prev| key(prev) == key(&item)) {
+            out.pop();
+        }
+        out.push(item);
+    }
+    out
+}
+
+/// A page's properties keyed as they are stored: by property id (stable across renames), the
+/// name standing in where a value has no id. Of duplicate names the last is kept, then of
+/// duplicate ids the last in name order. `completed` values replace the ones with their id.
+fn keyed<'a>(
+    properties: Properties<'a>,
+    completed: &'a [(String, Box<RawValue>)],
+) -> Result<Vec<Property<'a>>, serde_json::Error> {
+    let mut by_name = properties.0;
+    by_name.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut props = keep_last(by_name, |(name, _)| name)
+        .into_iter()
+        .map(|(name, text)| Property::read(name, text))
+        .collect::<Result<Vec<_>, _>>()?;
+    for prop in &mut props {
+        if let Some((_, text)) = completed.iter().find(|(id, _)| *id == prop.id) {
+            prop.value = Node::parse(text.get())?;
+            prop.text = text;
+        }
+    }
+    props.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(keep_last(props, |p| &p.id))
+}
+
+/// SHA-256 over what a user sees of a page (properties keyed by id, so a rename alone does not
+/// change it), independent of JSON key order: the same bytes as hashing the equivalent `Value`s.
+fn content_hash(view: &PageView, props: &[Property]) -> Result<String, serde_json::Error> {
+    let mut hasher = Sha256::new();
+    hash_entries(&mut hasher, props.iter().map(|p| (p.id.as_ref(), &p.value)), |h, v| v.hash_into(h));
+    hasher.update([view.is_archived.unwrap_or(view.archived) as u8, view.in_trash as u8]);
+    for decoration in [view.icon, view.cover] {
+        match decoration {
+            Some(text) => Node::parse(text.get())?.hash_into(&mut hasher),
+            None => Node::Null.hash_into(&mut hasher),
+        }
+    }
+    hasher.update(view.url.as_deref().unwrap_or_default().as_bytes());
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The stored properties document: each value's text as Notion sent it, under its key.
+fn properties_text(props: &[Property]) -> Result<String, String> {
+    let size = props.iter().map(|p| p.id.len() + p.text.get().len() + 4).sum::<usize>();
+    let mut out = Vec::with_capacity(size + 2);
+    out.push(b'{');
+    for (i, prop) in props.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, prop.id.as_ref()).map_err(|e| e.to_string())?;
+        out.push(b':');
+        out.extend_from_slice(prop.text.get().as_bytes());
+    }
+    out.push(b'}');
+    String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+/// The page as Notion sent it with its properties keyed by id, for `sync_page_errors`.
+fn page_value(text: &str, props: &[Property]) -> Option<Value> {
+    let mut page: Value = serde_json::from_str(text).ok()?;
+    let keyed = props
+        .iter()
+        .filter_map(|p| Some((p.id.to_string(), serde_json::from_str(p.text.get()).ok()?)))
+        .collect();
+    *page.as_object_mut()?.entry("properties").or_insert(Value::Null) = Value::Object(keyed);
+    Some(page)
+}
+
+fn invalid(id: Uuid, reason: String, page: Option<Value>) -> InvalidPage {
+    InvalidPage { page_id: Some(id.to_string()), reason, page }
+}
+
+/// The row written for a page, or why the page fails the database's mapping.
+fn to_row(
+    view: PageView,
+    props: &[Property],
+    text: &str,
+    mapping: &Mapping,
+    schema: &Value,
+) -> Result<PageRow, InvalidPage> {
+    if !mapping.properties.is_empty() {
+        // Only the properties the rules name are needed as values.
+        let values = props
+            .iter()
+            .filter(|p| mapping.properties.contains_key(p.id.as_ref()))
+            .map(|p| Ok((p.id.to_string(), serde_json::from_str(p.text.get())?)))
+            .collect::<Result<serde_json::Map<String, Value>, serde_json::Error>>()
+            .map_err(|e| invalid(view.id, format!("not a valid page object: {e}"), None))?;
+        if let Err(reason) = mapping.validate(schema, &values) {
+            return Err(invalid(view.id, reason, page_value(text, props)));
+        }
+    }
+    let content_hash = content_hash(&view, props)
+        .map_err(|e| invalid(view.id, format!("not a valid page object: {e}"), None))?;
+    let properties = properties_text(props).map_err(|reason| invalid(view.id, reason, None))?;
+    Ok(PageRow {
+        page_id: view.id,
+        url: view.url.map(Cow::into_owned),
+        created_time: view.created_time,
+        last_edited_time: view.last_edited_time,
+        created_by: view.created_by.map(|u| u.id),
+        last_edited_by: view.last_edited_by.map(|u| u.id),
+        archived: view.is_archived.unwrap_or(view.archived),
+        in_trash: view.in_trash,
+        content_hash,
+        properties,
+    })
+}
+
+/// Reads one result. `completed` is `None` on the first read (truncated values are reported),
+/// else the values completed since (the page is then always turned into a row or refused).
+pub fn read_page(
+    text: &str,
+    completed: Option<&[(String, Box<RawValue>)]>,
+    mapping: &Mapping,
+    schema: &Value,
+) -> Scanned {
+    let mut view = match serde_json::from_str::<PageView>(text) {
+        Ok(view) => view,
+        Err(e) => return malformed(text, e),
     };
-    let Some(map) = value.as_object_mut() else { return };
+    if view.object.as_deref().is_some_and(|o| o != "page") {
+        return Scanned::NotAPage;
+    }
+    let (id, created_time, last_edited_time) = (view.id, view.created_time, view.last_edited_time);
+    let gone = view.in_trash || view.archived || view.is_archived == Some(true);
+    let read = |outcome| Scanned::Page(Read { id, created_time, last_edited_time, gone, outcome });
+    let props = match keyed(std::mem::take(&mut view.properties), completed.unwrap_or_default()) {
+        Ok(props) => props,
+        Err(e) => return Scanned::Malformed(invalid(id, format!("not a valid page object: {e}"), None)),
+    };
+    if completed.is_none() {
+        let truncated: Vec<_> = props.iter().filter_map(Property::truncated).collect();
+        if !truncated.is_empty() {
+            return read(Outcome::Truncated(truncated));
+        }
+    }
+    match to_row(view, &props, text, mapping, schema) {
+        Ok(row) => read(Outcome::Row(row)),
+        Err(bad) => read(Outcome::Invalid(bad)),
+    }
+}
+
+/// Reads a page again with its truncated values completed.
+pub fn complete(text: &str, completed: &[(String, Box<RawValue>)], mapping: &Mapping, schema: &Value) -> Outcome {
+    match read_page(text, Some(completed), mapping, schema) {
+        Scanned::Page(read) => read.outcome,
+        Scanned::Malformed(bad) => Outcome::Invalid(bad),
+        Scanned::NotAPage => Outcome::Invalid(InvalidPage {
+            page_id: None,
+            reason: "not a page object".into(),
+            page: None,
+        }),
+    }
+}
+
+/// A result that failed to parse as a page: skipped when it says it is another kind of object,
+/// else reported with whatever id it has.
+fn malformed(text: &str, error: serde_json::Error) -> Scanned {
+    /// What is read of a result that is not a valid page: whether it claims to be one, its id.
+    #[derive(Deserialize)]
+    struct Probe {
+        object: Option<Value>,
+        id: Option<Value>,
+    }
+    let probe = serde_json::from_str::<Probe>(text).ok();
+    let object = probe.as_ref().and_then(|p| p.object.as_ref()).and_then(Value::as_str);
+    if object.is_some_and(|o| o != "page") {
+        return Scanned::NotAPage;
+    }
+    let page_id =
+        probe.as_ref().and_then(|p| p.id.as_ref()).and_then(Value::as_str).map(|s| s.chars().take(64).collect());
+    Scanned::Malformed(InvalidPage { page_id, reason: format!("not a valid page object: {error}"), page: None })
+}
+
+/// Reads a response's results: pages (with their index in `results`), and malformed ones.
+/// Non-page objects are skipped. Duplicate ids keep their last occurrence (Notion can repeat a
+/// page across an edit).
+pub fn parse_results(
+    results: &[Box<RawValue>],
+    mapping: &Mapping,
+    schema: &Value,
+) -> (Vec<(usize, Read)>, Vec<InvalidPage>) {
+    let mut reads: Vec<(usize, Read)> = Vec::with_capacity(results.len());
+    let mut invalid = Vec::new();
+    let mut seen: HashMap<Uuid, usize> = HashMap::with_capacity(results.len());
+    for (i, raw) in results.iter().enumerate() {
+        match read_page(raw.get(), None, mapping, schema) {
+            Scanned::NotAPage => {}
+            Scanned::Malformed(bad) => invalid.push(bad),
+            Scanned::Page(read) => match seen.get(&read.id) {
+                Some(&j) => reads[j] = (i, read),
+                None => {
+                    seen.insert(read.id, reads.len());
+                    reads.push((i, read));
+                }
+            },
+        }
+    }
+    (reads, invalid)
+}
+
+/// The value of property `property_id` in page `text`, with its list replaced by the complete
+/// `items` read from the property endpoint.
+pub fn completed_value(text: &str, property_id: &str, ty: &str, items: Vec<Value>) -> Option<Box<RawValue>> {
+    let view: PageView = serde_json::from_str(text).ok()?;
+    let mut value = view
+        .properties
+        .0
+        .iter()
+        .filter_map(|(_, raw)| serde_json::from_str::<Value>(raw.get()).ok())
+        .find(|v| v.get("id").and_then(Value::as_str) == Some(property_id))?;
+    let map = value.as_object_mut()?;
     let list: Vec<Value> =
         items.into_iter().filter_map(|mut item| item.get_mut(ty).map(Value::take)).collect();
     map.insert(ty.to_string(), Value::Array(list));
     if ty == "relation" {
         map.insert("has_more".into(), Value::Bool(false));
     }
-}
-
-/// Parses a response's results, each straight from its text into a [`Page`] (no intermediate
-/// JSON tree). Non-page objects are skipped; malformed pages are reported, not fatal. Duplicate
-/// ids keep their last occurrence (Notion can repeat a page across an edit).
-pub fn parse_results(results: Vec<Box<RawValue>>) -> (Vec<Page>, Vec<InvalidPage>) {
-    /// What is read of a result that is not a valid page: whether it claims to be one, its id.
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        object: Option<Value>,
-        id: Option<Value>,
-    }
-    let mut pages: Vec<Page> = Vec::with_capacity(results.len());
-    let mut invalid = Vec::new();
-    let mut seen: HashMap<uuid::Uuid, usize> = HashMap::new();
-    for raw in results {
-        match serde_json::from_str::<Page>(raw.get()) {
-            Ok(page) if page.object.as_deref().is_some_and(|o| o != "page") => {}
-            Ok(page) => match seen.get(&page.id) {
-                Some(&i) => pages[i] = page,
-                None => {
-                    seen.insert(page.id, pages.len());
-                    pages.push(page);
-                }
-            },
-            Err(e) => {
-                let probe = serde_json::from_str::<Probe>(raw.get()).ok();
-                // Skipped only when it says it is another kind of object; anything else that
-                // fails is reported.
-                let object = probe.as_ref().and_then(|p| p.object.as_ref()).and_then(Value::as_str);
-                if object.is_some_and(|o| o != "page") {
-                    continue;
-                }
-                let page_id = probe
-                    .as_ref()
-                    .and_then(|p| p.id.as_ref())
-                    .and_then(Value::as_str)
-                    .map(|s| s.chars().take(64).collect());
-                invalid.push(InvalidPage {
-                    page_id,
-                    reason: format!("not a valid page object: {e}"),
-                    page: None,
-                })
-            }
-        }
-    }
-    (pages, invalid)
-}
-
-/// SHA-256 over what a user sees of a page (properties keyed by id, so a rename alone does not
-/// change it), independent of JSON key order.
-pub fn content_hash(page: &Page, properties: &serde_json::Map<String, Value>) -> String {
-    let mut hasher = Sha256::new();
-    hash_map(&mut hasher, properties);
-    hasher.update([page.is_archived() as u8, page.in_trash as u8]);
-    hash_value(&mut hasher, page.icon.as_ref().unwrap_or(&Value::Null));
-    hash_value(&mut hasher, page.cover.as_ref().unwrap_or(&Value::Null));
-    hasher.update(page.url.as_deref().unwrap_or_default().as_bytes());
-    hex::encode(hasher.finalize())
-}
-
-/// The row written for a page, or why the page fails the database's mapping.
-pub fn to_row(mut page: Page, mapping: &Mapping, schema: &Value) -> Result<PageRow, InvalidPage> {
-    let properties = key_by_id(std::mem::take(&mut page.properties));
-    if let Err(reason) = mapping.validate(schema, &properties) {
-        page.properties = properties;
-        return Err(InvalidPage {
-            page_id: Some(page.id.to_string()),
-            reason,
-            page: serde_json::to_value(&page).ok(),
-        });
-    }
-    let content_hash = content_hash(&page, &properties);
-    let archived = page.is_archived();
-    Ok(PageRow {
-        page_id: page.id,
-        url: page.url,
-        created_time: page.created_time,
-        last_edited_time: page.last_edited_time,
-        created_by: page.created_by.map(|u| u.id),
-        last_edited_by: page.last_edited_by.map(|u| u.id),
-        archived,
-        in_trash: page.in_trash,
-        content_hash,
-        properties: Value::Object(properties).to_string(),
-    })
+    serde_json::value::to_raw_value(&value).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use syncfleet_shared::hashing::{hash_map, hash_value};
 
     fn raw(v: Value) -> Box<RawValue> {
         RawValue::from_string(v.to_string()).expect("valid JSON")
     }
 
-    fn page(props: Value) -> Box<RawValue> {
-        raw(json!({"object": "page", "id": "be633bf1-dfa0-436d-b259-571129a590e5",
+    fn page_with(props: Value, extra: Value) -> Value {
+        let mut page = json!({"object": "page", "id": "be633bf1-dfa0-436d-b259-571129a590e5",
                "created_time": "2026-10-24T22:54:00.000Z", "last_edited_time": "2026-11-08T18:25:00.000Z",
-               "properties": props}))
+               "properties": props});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            page[k] = v;
+        }
+        page
+    }
+
+    fn page(props: Value) -> Box<RawValue> {
+        raw(page_with(props, json!({})))
+    }
+
+    fn read(text: &RawValue) -> Read {
+        match read_page(text.get(), None, &Mapping::default(), &Value::Null) {
+            Scanned::Page(read) => read,
+            other => panic!("not read as a page: {other:?}"),
+        }
+    }
+
+    fn row(text: &RawValue) -> PageRow {
+        match read(text).outcome {
+            Outcome::Row(row) => row,
+            other => panic!("no row: {other:?}"),
+        }
+    }
+
+    /// The hash as the worker computed it from `serde_json::Value` maps before the properties
+    /// were read from text: rows stored then must keep their hash.
+    fn value_hash(page: &Value) -> String {
+        let keyed: serde_json::Map<String, Value> = page["properties"]
+            .as_object()
+            .expect("properties")
+            .iter()
+            .map(|(name, v)| (v.get("id").and_then(Value::as_str).unwrap_or(name).to_string(), v.clone()))
+            .collect();
+        let mut h = Sha256::new();
+        hash_map(&mut h, &keyed);
+        let archived = page.get("is_archived").and_then(Value::as_bool).unwrap_or(page["archived"] == true);
+        h.update([archived as u8, (page["in_trash"] == true) as u8]);
+        hash_value(&mut h, page.get("icon").unwrap_or(&Value::Null));
+        hash_value(&mut h, page.get("cover").unwrap_or(&Value::Null));
+        h.update(page.get("url").and_then(Value::as_str).unwrap_or_default().as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    #[test]
+    fn the_hash_and_document_equal_those_of_the_parsed_value() {
+        let page = page_with(
+            json!({
+                "Name": {"id": "title", "type": "title", "title": [{"plain_text": "a \u{201c}q\u{201d} \\ \"x\"", "href": null}]},
+                "Amount": {"id": "am%40t", "type": "number", "number": 738.22},
+                "Big": {"id": "b%3Ag", "type": "number", "number": 12345678901234567890u64},
+                "No id": {"type": "checkbox", "checkbox": true},
+                "Same id": {"id": "dup", "type": "number", "number": 1},
+                "Same id too": {"id": "dup", "type": "number", "number": 2},
+                "Nested": {"id": "n", "type": "rich_text", "rich_text": [{"annotations": {"bold": false, "code": true}, "text": {"content": "é", "link": null}}]}
+            }),
+            json!({"icon": {"type": "emoji", "emoji": "🚀"}, "url": "https://www.notion.so/x", "in_trash": true, "archived": true}),
+        );
+        let text = raw(page.clone());
+        let written = row(&text);
+        assert_eq!(written.content_hash, value_hash(&page));
+        let stored: Value = serde_json::from_str(&written.properties).expect("the stored text is JSON");
+        let expected: serde_json::Map<String, Value> = page["properties"]
+            .as_object()
+            .expect("properties")
+            .iter()
+            .map(|(name, v)| (v.get("id").and_then(Value::as_str).unwrap_or(name).to_string(), v.clone()))
+            .collect();
+        assert_eq!(stored, Value::Object(expected));
+        assert_eq!(stored["dup"]["number"], 2, "of two properties with one id, the last by name is kept");
+        assert!(written.archived && written.in_trash);
+        // Duplicate names in the text: the last one counts, as in a parsed map.
+        let dup_names = r#"{"object":"page","id":"be633bf1-dfa0-436d-b259-571129a590e5","created_time":"2026-10-24T22:54:00.000Z","last_edited_time":"2026-11-08T18:25:00.000Z","properties":{"A":{"id":"a","number":1},"A":{"id":"a","number":2}}}"#;
+        let dup_row = row(&RawValue::from_string(dup_names.into()).expect("json"));
+        let parsed: Value = serde_json::from_str(dup_names).expect("json");
+        assert_eq!(dup_row.content_hash, value_hash(&parsed));
+        let stored: Value = serde_json::from_str(&dup_row.properties).expect("json");
+        assert_eq!(stored, json!({"a": {"id": "a", "number": 2}}));
     }
 
     #[test]
     fn hash_ignores_key_order_but_not_values() {
-        let a = parse_results(vec![page(json!({"A": {"number": 1}, "B": {"x": [1, 2]}}))]).0;
-        let b = parse_results(vec![page(json!({"B": {"x": [1, 2]}, "A": {"number": 1}}))]).0;
-        let c = parse_results(vec![page(json!({"A": {"number": 2}, "B": {"x": [1, 2]}}))]).0;
-        let hash = |p: &Page| content_hash(p, &key_by_id(p.properties.clone()));
-        assert_eq!(hash(&a[0]), hash(&b[0]));
-        assert_ne!(hash(&a[0]), hash(&c[0]));
+        let a = row(&page(json!({"A": {"number": 1}, "B": {"x": [1, 2]}})));
+        let b = row(&page(json!({"B": {"x": [1, 2]}, "A": {"number": 1}})));
+        let c = row(&page(json!({"A": {"number": 2}, "B": {"x": [1, 2]}})));
+        assert_eq!(a.content_hash, b.content_hash);
+        assert_ne!(a.content_hash, c.content_hash);
     }
 
     #[test]
     fn a_renamed_property_keeps_its_key_and_hash() {
-        let before =
-            parse_results(vec![page(json!({"Old": {"id": "x%3A1", "type": "number", "number": 5}}))]).0;
-        let after =
-            parse_results(vec![page(json!({"New": {"id": "x%3A1", "type": "number", "number": 5}}))]).0;
-        let a = to_row(before[0].clone(), &Mapping::default(), &Value::Null).expect("row");
-        let b = to_row(after[0].clone(), &Mapping::default(), &Value::Null).expect("row");
+        let a = row(&page(json!({"Old": {"id": "x%3A1", "type": "number", "number": 5}})));
+        let b = row(&page(json!({"New": {"id": "x%3A1", "type": "number", "number": 5}})));
         assert_eq!(a.properties, b.properties);
         assert_eq!(a.content_hash, b.content_hash);
         let stored: Value = serde_json::from_str(&a.properties).expect("the stored text is JSON");
@@ -194,23 +505,27 @@ mod tests {
 
     #[test]
     fn truncated_relations_are_found_and_completed() {
-        let mut p = parse_results(vec![page(json!({"Rel": {"id": "rl", "type": "relation",
-            "relation": [{"id": "a"}], "has_more": true}}))])
-        .0
-        .remove(0);
-        assert_eq!(truncated_properties(&p), vec![("rl".to_string(), "relation".to_string())]);
+        let text = page(json!({"Rel": {"id": "rl", "type": "relation",
+            "relation": [{"id": "a"}], "has_more": true}}));
+        let Outcome::Truncated(truncated) = read(&text).outcome else { panic!("not truncated") };
+        assert_eq!(truncated, vec![("rl".to_string(), "relation".to_string())]);
         let items = (0..60).map(
             |i| json!({"object": "property_item", "type": "relation", "relation": {"id": i.to_string()}}),
         );
-        complete_property(&mut p, "rl", "relation", items.collect());
-        assert_eq!(p.properties["Rel"]["relation"].as_array().map(Vec::len), Some(60));
-        assert!(truncated_properties(&p).is_empty());
+        let value = completed_value(text.get(), "rl", "relation", items.collect()).expect("the property");
+        let completed = vec![("rl".to_string(), value)];
+        let Outcome::Row(row) = complete(text.get(), &completed, &Mapping::default(), &Value::Null) else {
+            panic!("no row")
+        };
+        let stored: Value = serde_json::from_str(&row.properties).expect("json");
+        assert_eq!(stored["rl"]["relation"].as_array().map(Vec::len), Some(60));
+        assert_eq!(stored["rl"]["has_more"], false);
     }
 
     #[test]
     fn malformed_pages_are_isolated_and_duplicates_collapse() {
         let bad = json!({"object": "page", "id": "not-a-uuid", "properties": {}});
-        let (pages, invalid) = parse_results(vec![
+        let results = vec![
             page(json!({"v": 1})),
             raw(bad),
             page(json!({"v": 2})),
@@ -219,11 +534,32 @@ mod tests {
             raw(json!({"object": "database", "id": "be633bf1-dfa0-436d-b259-571129a590e5",
                        "created_time": "2026-10-24T22:54:00.000Z",
                        "last_edited_time": "2026-11-08T18:25:00.000Z", "properties": {"v": 3}})),
-        ]);
-        assert_eq!(pages.len(), 1);
-        assert_eq!(pages[0].properties["v"], 2);
-        assert_eq!(invalid.len(), 2, "a result whose `object` is not a string is reported, not skipped");
+            raw(json!({"object": "page", "id": "0b5e8e8a-4f4e-4c59-9a4b-2f1f6f7c1a11",
+                       "created_time": "2026-10-24T22:54:00.000Z",
+                       "last_edited_time": "2026-11-08T18:25:00.000Z", "properties": [1, 2]})),
+        ];
+        let (reads, invalid) = parse_results(&results, &Mapping::default(), &Value::Null);
+        assert_eq!(reads.len(), 1);
+        assert_eq!(reads[0].0, 2, "the last occurrence of a repeated page is kept");
+        let Outcome::Row(row) = &reads[0].1.outcome else { panic!("no row") };
+        assert_eq!(serde_json::from_str::<Value>(&row.properties).expect("json"), json!({"v": 2}));
+        assert_eq!(invalid.len(), 3, "a result whose `object` is not a string is reported, not skipped");
         assert_eq!(invalid[0].page_id.as_deref(), Some("not-a-uuid"));
         assert_eq!(invalid[1].page_id.as_deref(), Some("odd-object"));
+        assert_eq!(invalid[2].page_id.as_deref(), Some("0b5e8e8a-4f4e-4c59-9a4b-2f1f6f7c1a11"));
+    }
+
+    #[test]
+    fn a_page_failing_the_mapping_is_reported_with_its_properties_keyed_by_id() {
+        let mapping: Mapping =
+            serde_json::from_value(json!({"properties": {"n": {"required": true}}})).expect("mapping");
+        let text = page(json!({"Count": {"id": "n", "type": "number", "number": null}}));
+        let Scanned::Page(read) = read_page(text.get(), None, &mapping, &Value::Null) else { panic!() };
+        let Outcome::Invalid(bad) = read.outcome else { panic!("not refused") };
+        assert!(bad.reason.contains("required"), "{}", bad.reason);
+        assert_eq!(bad.page.expect("the page")["properties"]["n"]["type"], "number");
+        let ok = page(json!({"Count": {"id": "n", "type": "number", "number": 3}}));
+        let Scanned::Page(read) = read_page(ok.get(), None, &mapping, &Value::Null) else { panic!() };
+        assert!(matches!(read.outcome, Outcome::Row(_)));
     }
 }

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::chains::Progress;
 use crate::error::JobFailure;
 use crate::sync::{Batch, SyncRun, SyncSummary};
+use crate::transform::{self, Outcome, Scanned};
 
 /// Batches written concurrently by one run (they still commit in order). An upsert of 100 rows
 /// takes about 50 ms of wall time for about 12 ms of server CPU on the benchmark machine, so
@@ -319,34 +320,41 @@ impl SyncRun {
                 out.deleted.push(id);
                 continue;
             }
-            let parsed = serde_json::from_value::<syncfleet_shared::notion::types::Page>(value).ok();
-            let Some(mut page) =
-                parsed.filter(|p| p.id == id && p.object.as_deref().is_none_or(|o| o == "page"))
-            else {
+            let text = value.to_string();
+            let mut read = match transform::read_page(&text, None, &self.mapping, &self.schema) {
+                Scanned::Page(read) if read.id == id => read,
                 // An answer that is not this page proves nothing: it stays, and is not asked again.
-                out.kept.push(id);
-                continue;
-            };
-            if page.in_trash || page.archived || page.is_archived == Some(true) {
-                out.deleted.push(id);
-                continue;
-            }
-            match self.complete_values(&mut page).await {
-                Ok(()) => {}
-                // Trashed between the two requests: decided by the next full run.
-                Err(JobFailure::Notion(NotionError::Api { status: 404, .. })) => {
+                _ => {
                     out.kept.push(id);
                     continue;
                 }
-                Err(e) => return Err(e),
+            };
+            if read.gone {
+                out.deleted.push(id);
+                continue;
             }
-            match crate::transform::to_row(page, &self.mapping, &self.schema) {
-                Ok(row) => out.live.push(row),
+            if let Outcome::Truncated(truncated) = &read.outcome {
+                match self.complete_values(id, &text, truncated).await {
+                    Ok(completed) => {
+                        read.outcome = transform::complete(&text, &completed, &self.mapping, &self.schema)
+                    }
+                    // Trashed between the two requests: decided by the next full run.
+                    Err(JobFailure::Notion(NotionError::Api { status: 404, .. })) => {
+                        out.kept.push(id);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match read.outcome {
+                Outcome::Row(row) => out.live.push(row),
                 // Live but invalid: kept (and stamped as seen), not deleted.
-                Err(bad) => {
+                Outcome::Invalid(bad) => {
                     tracing::warn!(page_id = %id, reason = %bad.reason, "A page the walk skipped is live but invalid; it stays.");
                     out.kept.push(id);
                 }
+                // Completed above; never left truncated.
+                Outcome::Truncated(_) => out.kept.push(id),
             }
         }
         // 404s can also mean the integration lost access to the whole database since the walk:
