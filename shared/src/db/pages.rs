@@ -50,10 +50,16 @@ WITH input AS (
         AS r(page_id, properties, url, created_time, last_edited_time, created_by, last_edited_by,
              archived, in_trash, content_hash)
 ),
-existing AS (
-    SELECT p.page_id, p.content_hash, p.deleted_at
-    FROM notion_pages p JOIN input i ON i.page_id = p.page_id
-    WHERE p.database_id = $1
+-- Each row is looked up with one probe of the primary key, whatever the statistics say: as a
+-- join, the planner scanned every row of the database per batch when its estimate was stale
+-- (a new database, or a table not yet analyzed), which made a 100,000-page first sync
+-- quadratic. The LIMIT keeps each lookup a parameterized subquery instead of a join.
+existing AS MATERIALIZED (
+    SELECT i.page_id, e.content_hash, e.deleted_at
+    FROM input i CROSS JOIN LATERAL (
+        SELECT p.content_hash, p.deleted_at FROM notion_pages p
+        WHERE p.database_id = $1 AND p.page_id = i.page_id LIMIT 1
+    ) e
 ),
 versioned AS (
     -- The previous version of every page whose content changes (same statement snapshot, so
@@ -62,8 +68,11 @@ versioned AS (
         archived, in_trash, deleted_at, replaced_by_run)
     SELECT p.database_id, p.page_id, p.properties, p.content_hash, p.last_edited_time, p.archived,
         p.in_trash, p.deleted_at, $2
-    FROM notion_pages p JOIN input i ON i.page_id = p.page_id
-    WHERE p.database_id = $1 AND p.content_hash IS DISTINCT FROM i.content_hash
+    FROM existing e JOIN input i ON i.page_id = e.page_id
+    CROSS JOIN LATERAL (
+        SELECT * FROM notion_pages p WHERE p.database_id = $1 AND p.page_id = e.page_id LIMIT 1
+    ) p
+    WHERE e.content_hash IS DISTINCT FROM i.content_hash
     RETURNING 1
 ),
 upserted AS (
