@@ -167,15 +167,12 @@ impl Fleet {
         for i in 0..n {
             let log = std::env::temp_dir().join(format!("{}.worker-{i}.log", self.options.name));
             self.narrate("syncfleet-worker", &["--concurrency", &concurrency.to_string(), "&"]);
+            // The allocator runs with its defaults, as in the container image (a
+            // `MIMALLOC_*` variable in the environment is inherited, for experiments).
             let child = Command::new(binary("syncfleet-worker")?)
                 .args(["--concurrency", &concurrency.to_string()])
                 .envs(self.env.iter().cloned())
                 .env("SYNCFLEET_WORKER__ID", format!("{}-worker-{i}", self.options.name))
-                // As the container image runs it (deploy/Dockerfile); an explicit value wins.
-                .env(
-                    "MIMALLOC_PURGE_DELAY",
-                    std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "0".into()),
-                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(std::fs::File::create(&log)?))
                 .kill_on_drop(true)
