@@ -203,7 +203,8 @@ impl SyncRun {
             };
             let started = *run_started.get_or_insert_with(|| response.server_time.unwrap_or_else(Utc::now));
             let list = response.body;
-            let (mut reads, mut invalid) = transform::parse_results(&list.results, &self.mapping, &self.schema);
+            let (mut reads, mut invalid) =
+                transform::parse_results(&list.results, &self.mapping, &self.schema);
             for (index, read) in &mut reads {
                 if let Outcome::Truncated(truncated) = &read.outcome {
                     let text = list.results[*index].get();

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -313,15 +313,18 @@ pub fn read_page(
 }
 
 /// Reads a page again with its truncated values completed.
-pub fn complete(text: &str, completed: &[(String, Box<RawValue>)], mapping: &Mapping, schema: &Value) -> Outcome {
+pub fn complete(
+    text: &str,
+    completed: &[(String, Box<RawValue>)],
+    mapping: &Mapping,
+    schema: &Value,
+) -> Outcome {
     match read_page(text, Some(completed), mapping, schema) {
         Scanned::Page(read) => read.outcome,
         Scanned::Malformed(bad) => Outcome::Invalid(bad),
-        Scanned::NotAPage => Outcome::Invalid(InvalidPage {
-            page_id: None,
-            reason: "not a page object".into(),
-            page: None,
-        }),
+        Scanned::NotAPage => {
+            Outcome::Invalid(InvalidPage { page_id: None, reason: "not a page object".into(), page: None })
+        }
     }
 }
 
@@ -339,9 +342,16 @@ fn malformed(text: &str, error: serde_json::Error) -> Scanned {
     if object.is_some_and(|o| o != "page") {
         return Scanned::NotAPage;
     }
-    let page_id =
-        probe.as_ref().and_then(|p| p.id.as_ref()).and_then(Value::as_str).map(|s| s.chars().take(64).collect());
-    Scanned::Malformed(InvalidPage { page_id, reason: format!("not a valid page object: {error}"), page: None })
+    let page_id = probe
+        .as_ref()
+        .and_then(|p| p.id.as_ref())
+        .and_then(Value::as_str)
+        .map(|s| s.chars().take(64).collect());
+    Scanned::Malformed(InvalidPage {
+        page_id,
+        reason: format!("not a valid page object: {error}"),
+        page: None,
+    })
 }
 
 /// Reads a response's results: pages (with their index in `results`), and malformed ones.
