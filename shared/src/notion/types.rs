@@ -67,43 +67,6 @@ pub struct UserRef {
     pub id: Uuid,
 }
 
-/// A page (a database row).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct Page {
-    /// `page` (a query can also answer other objects, which a sync skips).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub object: Option<String>,
-    pub id: Uuid,
-    pub created_time: DateTime<Utc>,
-    pub last_edited_time: DateTime<Utc>,
-    #[serde(default)]
-    pub created_by: Option<UserRef>,
-    #[serde(default)]
-    pub last_edited_by: Option<UserRef>,
-    #[serde(default)]
-    pub archived: bool,
-    #[serde(default)]
-    pub in_trash: bool,
-    /// 2026-03-11 and later.
-    #[serde(default)]
-    pub is_archived: Option<bool>,
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    pub icon: Option<Value>,
-    #[serde(default)]
-    pub cover: Option<Value>,
-    #[serde(default)]
-    pub properties: Map<String, Value>,
-}
-
-impl Page {
-    /// Archived under any API version: `archived` (old) or `is_archived` (2026-03-11).
-    pub fn is_archived(&self) -> bool {
-        self.is_archived.unwrap_or(self.archived)
-    }
-}
-
 /// The body of `POST /v1/data_sources/{id}/query`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct QueryRequest {
@@ -127,13 +90,6 @@ impl Timestamp {
         match self {
             Timestamp::CreatedTime => "created_time",
             Timestamp::LastEditedTime => "last_edited_time",
-        }
-    }
-
-    pub fn of(self, page: &Page) -> DateTime<Utc> {
-        match self {
-            Timestamp::CreatedTime => page.created_time,
-            Timestamp::LastEditedTime => page.last_edited_time,
         }
     }
 }
