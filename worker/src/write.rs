@@ -302,9 +302,10 @@ impl SyncRun {
             }
             out.checks += 1;
             let path = format!("/v1/pages/{id}");
-            let value = match self
+            // Kept as text: the page is read exactly as a query result is (same stored text).
+            let raw = match self
                 .session
-                .request::<(), serde_json::Value>(Endpoint::RetrievePage, &path, None)
+                .request::<(), Box<serde_json::value::RawValue>>(Endpoint::RetrievePage, &path, None)
                 .await
             {
                 Ok(response) => response.body,
@@ -316,12 +317,13 @@ impl SyncRun {
                 Err(e) => return Err(e.into()),
             };
             // A page moved to another database is gone from this one.
+            let value: serde_json::Value = serde_json::from_str(raw.get()).unwrap_or_default();
             if !self.is_our_parent(&value) {
                 out.deleted.push(id);
                 continue;
             }
-            let text = value.to_string();
-            let mut read = match transform::read_page(&text, None, &self.mapping, &self.schema) {
+            let text = raw.get();
+            let mut read = match transform::read_page(text, None, &self.mapping, &self.schema) {
                 Scanned::Page(read) if read.id == id => read,
                 // An answer that is not this page proves nothing: it stays, and is not asked again.
                 _ => {
@@ -334,9 +336,9 @@ impl SyncRun {
                 continue;
             }
             if let Outcome::Truncated(truncated) = &read.outcome {
-                match self.complete_values(id, &text, truncated).await {
+                match self.complete_values(id, text, truncated).await {
                     Ok(completed) => {
-                        read.outcome = transform::complete(&text, &completed, &self.mapping, &self.schema)
+                        read.outcome = transform::complete(text, &completed, &self.mapping, &self.schema)
                     }
                     // Trashed between the two requests: decided by the next full run.
                     Err(JobFailure::Notion(NotionError::Api { status: 404, .. })) => {
