@@ -130,11 +130,14 @@ async fn a_manual_job_goes_ahead_of_a_backlog_of_500_scheduled_jobs() {
     // the rerun its holder then publishes keeps the high priority, so the request is served
     // right after the run in progress, not when the backlog next reaches that database (20
     // jobs further on).
-    // Slower answers make each backlog run last long enough for the manual job to meet it.
+    // Slower answers make each backlog run last long enough for the manual job to meet it: a
+    // run that starts after the change makes at least two requests of 1.5 s each. (A run that
+    // started before it may be one answer from its end, and finish before the job arrives.)
     env.sim_admin("config", serde_json::json!({"latency_ms": 1500})).await.expect("slower");
+    let slowed_at: f64 = env.scalar("SELECT extract(epoch FROM clock_timestamp())::float8").await;
     let syncing = format!(
         "SELECT database_id FROM sync_runs WHERE id IN ({backlog_ids}) AND status = 'running' \
-         ORDER BY started_at DESC LIMIT 1"
+         AND started_at > to_timestamp({slowed_at}) ORDER BY started_at DESC LIMIT 1"
     );
     let target = std::cell::Cell::new(None::<Uuid>);
     until("a backlog run to be running", LONG, || async {
