@@ -31,8 +31,9 @@ struct Args {
 
 fn main() -> ExitCode {
     // Before any thread starts. With transparent huge pages, every 2 MiB region mimalloc touches
-    // became resident and was zeroed whole: on `unthrottled` the worker's peak RSS went from
-    // 64–68 MB to 39–54 MB without them, and its CPU per page down by a fifth (BENCHMARKS.md).
+    // became resident and was zeroed whole: on `unthrottled` the worker used about a fifth more
+    // CPU per page with them, and freeing memory at once to keep RSS down cost still more
+    // (BENCHMARKS.md, 2026-11-24 evening).
     let thp = nix::sys::prctl::set_thp_disable(true);
     run(thp)
 }
