@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use crate::chains::{self, Chain, Progress};
 use crate::error::JobFailure;
-use crate::transform::{self, InvalidPage, Outcome, Read};
+use crate::transform::{self, InvalidPage, Outcome};
 use crate::write::record_unsaved_requests;
 
 /// Notion cursors expire; a chain restarts its query from its last position when one is
@@ -212,11 +212,7 @@ impl SyncRun {
                     read.outcome = transform::complete(text, &completed, &self.mapping, &self.schema);
                 }
             }
-            let sort_time = |r: &Read| match field {
-                Timestamp::CreatedTime => r.created_time,
-                Timestamp::LastEditedTime => r.last_edited_time,
-            };
-            let last = reads.iter().map(|(_, r)| (sort_time(r), r.id)).max();
+            let last = reads.iter().map(|(_, r)| (r.time(field), r.id)).max();
             let checkpoint = last.map(|(sort_time, page_id)| Checkpoint {
                 sort_time,
                 page_id,

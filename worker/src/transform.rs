@@ -14,9 +14,9 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use syncfleet_shared::db::pages::PageRow;
-use syncfleet_shared::hashing::{Node, hash_entries};
+use syncfleet_shared::hashing::{Node, Text, hash_sorted, sort_keep_last};
 use syncfleet_shared::mapping::Mapping;
-use syncfleet_shared::notion::types::UserRef;
+use syncfleet_shared::notion::types::{Timestamp, UserRef};
 use uuid::Uuid;
 
 /// A result that could not be turned into a page, kept for `sync_page_errors`.
@@ -51,6 +51,16 @@ pub struct Read {
     /// In the trash or archived, under any API version.
     pub gone: bool,
     pub outcome: Outcome,
+}
+
+impl Read {
+    /// The page's time that `field` orders a query by.
+    pub fn time(&self, field: Timestamp) -> DateTime<Utc> {
+        match field {
+            Timestamp::CreatedTime => self.created_time,
+            Timestamp::LastEditedTime => self.last_edited_time,
+        }
+    }
 }
 
 /// What a result is.
@@ -105,17 +115,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Properties<'a> {
                 f.write_str("an object of property values")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                /// A key that borrows from the text when it has no escapes.
-                struct Key<'a>(Cow<'a, str>);
-                impl<'de> Deserialize<'de> for Key<'de> {
-                    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                        #[derive(Deserialize)]
-                        struct K<'a>(#[serde(borrow)] Cow<'a, str>);
-                        K::deserialize(d).map(|k| Key(k.0))
-                    }
-                }
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((Key(name), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                while let Some((Text(name), value)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
                     out.push((name, value));
                 }
                 Ok(Properties(out))
@@ -158,18 +159,6 @@ impl<'a> Property<'a> {
     }
 }
 
-/// Keeps the last of each run of equal keys in a list sorted (stably) by that key.
-fn keep_last<T, K: PartialEq>(items: Vec<T>, key: impl Fn(&T) -> &K) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(items.len());
-    for item in items {
-        if out.last().is_some_and(|prev| key(prev) == key(&item)) {
-            out.pop();
-        }
-        out.push(item);
-    }
-    out
-}
-
 /// A page's properties keyed as they are stored: by property id (stable across renames), the
 /// name standing in where a value has no id. Of duplicate names the last is kept, then of
 /// duplicate ids the last in name order. `completed` values replace the ones with their id.
@@ -177,9 +166,7 @@ fn keyed<'a>(
     properties: Properties<'a>,
     completed: &'a [(String, Box<RawValue>)],
 ) -> Result<Vec<Property<'a>>, serde_json::Error> {
-    let mut by_name = properties.0;
-    by_name.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut props = keep_last(by_name, |(name, _)| name)
+    let mut props = sort_keep_last(properties.0, |(name, _)| name.as_ref())
         .into_iter()
         .map(|(name, text)| Property::read(name, text))
         .collect::<Result<Vec<_>, _>>()?;
@@ -189,15 +176,15 @@ fn keyed<'a>(
             prop.text = text;
         }
     }
-    props.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(keep_last(props, |p| &p.id))
+    Ok(sort_keep_last(props, |p| p.id.as_ref()))
 }
 
 /// SHA-256 over what a user sees of a page (properties keyed by id, so a rename alone does not
 /// change it), independent of JSON key order: the same bytes as hashing the equivalent `Value`s.
 fn content_hash(view: &PageView, props: &[Property]) -> Result<String, serde_json::Error> {
     let mut hasher = Sha256::new();
-    hash_entries(&mut hasher, props.iter().map(|p| (p.id.as_ref(), &p.value)), |h, v| v.hash_into(h));
+    // `keyed` left them in key order, each key once.
+    hash_sorted(&mut hasher, props.iter().map(|p| (p.id.as_ref(), &p.value)), |h, v| v.hash_into(h));
     hasher.update([view.is_archived.unwrap_or(view.archived) as u8, view.in_trash as u8]);
     for decoration in [view.icon, view.cover] {
         match decoration {
@@ -439,15 +426,20 @@ mod tests {
         }
     }
 
-    /// The hash as the worker computed it from `serde_json::Value` maps before the properties
-    /// were read from text: rows stored then must keep their hash.
-    fn value_hash(page: &Value) -> String {
-        let keyed: serde_json::Map<String, Value> = page["properties"]
+    /// A parsed page's properties keyed by id, as the worker keyed them before reading text.
+    fn properties_by_id(page: &Value) -> serde_json::Map<String, Value> {
+        page["properties"]
             .as_object()
             .expect("properties")
             .iter()
             .map(|(name, v)| (v.get("id").and_then(Value::as_str).unwrap_or(name).to_string(), v.clone()))
-            .collect();
+            .collect()
+    }
+
+    /// The hash as the worker computed it from `serde_json::Value` maps before the properties
+    /// were read from text: rows stored then must keep their hash.
+    fn value_hash(page: &Value) -> String {
+        let keyed = properties_by_id(page);
         let mut h = Sha256::new();
         hash_map(&mut h, &keyed);
         let archived = page.get("is_archived").and_then(Value::as_bool).unwrap_or(page["archived"] == true);
@@ -476,12 +468,7 @@ mod tests {
         let written = row(&text);
         assert_eq!(written.content_hash, value_hash(&page));
         let stored: Value = serde_json::from_str(&written.properties).expect("the stored text is JSON");
-        let expected: serde_json::Map<String, Value> = page["properties"]
-            .as_object()
-            .expect("properties")
-            .iter()
-            .map(|(name, v)| (v.get("id").and_then(Value::as_str).unwrap_or(name).to_string(), v.clone()))
-            .collect();
+        let expected = properties_by_id(&page);
         assert_eq!(stored, Value::Object(expected));
         assert_eq!(stored["dup"]["number"], 2, "of two properties with one id, the last by name is kept");
         assert!(written.archived && written.in_trash);
