@@ -2,69 +2,103 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-// The canonical bytes of each kind of value, shared by [`hash_value`] and [`Node::hash_into`]
-// (stored content hashes depend on them, so they exist once).
-fn feed_null(h: &mut Sha256) {
-    h.update(b"n");
+/// Where canonical bytes go: straight into a hasher, or into a buffer hashed later.
+pub trait Sink {
+    fn put(&mut self, bytes: &[u8]);
 }
 
-fn feed_bool(h: &mut Sha256, b: bool) {
-    h.update(if b { b"t" } else { b"f" });
-}
-
-fn feed_number(h: &mut Sha256, n: &serde_json::Number) {
-    h.update(b"#");
-    h.update(n.to_string().as_bytes());
-}
-
-fn feed_str(h: &mut Sha256, s: &str) {
-    h.update(b"s");
-    h.update((s.len() as u64).to_le_bytes());
-    h.update(s.as_bytes());
-}
-
-fn feed_array<T>(h: &mut Sha256, items: &[T], hash: impl Fn(&mut Sha256, &T)) {
-    h.update(b"[");
-    h.update((items.len() as u64).to_le_bytes());
-    for item in items {
-        hash(h, item);
+impl Sink for Sha256 {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
     }
 }
 
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+// The canonical bytes of each kind of value, shared by [`hash_value`] and [`Canonical`] (stored
+// content hashes depend on them, so they exist once): a tag, then for strings, arrays and objects
+// a little-endian u64 length, then the content; object keys in byte order, each once.
+const ARRAY: u8 = b'[';
+const OBJECT: u8 = b'{';
+
+fn len_bytes(n: usize) -> [u8; 8] {
+    (n as u64).to_le_bytes()
+}
+
+/// Feeds the tag of `null`.
+pub fn feed_null(h: &mut impl Sink) {
+    h.put(b"n");
+}
+
+fn feed_bool(h: &mut impl Sink, b: bool) {
+    h.put(if b { b"t" } else { b"f" });
+}
+
+/// A number as `serde_json::Number` displays it (so a float's text is the one a `Value` gives).
+fn feed_number(h: &mut impl Sink, n: &serde_json::Number) {
+    struct Out<'s, S: Sink>(&'s mut S);
+    impl<S: Sink> fmt::Write for Out<'_, S> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0.put(s.as_bytes());
+            Ok(())
+        }
+    }
+    h.put(b"#");
+    // Writing into a sink cannot fail.
+    fmt::write(&mut Out(h), format_args!("{n}")).unwrap_or(());
+}
+
+fn feed_str(h: &mut impl Sink, s: &str) {
+    h.put(b"s");
+    h.put(&len_bytes(s.len()));
+    h.put(s.as_bytes());
+}
+
 /// Feeds `v` into `h` canonically (object keys sorted, lengths prefixed).
-pub fn hash_value(h: &mut Sha256, v: &Value) {
+pub fn hash_value(h: &mut impl Sink, v: &Value) {
     match v {
         Value::Null => feed_null(h),
         Value::Bool(b) => feed_bool(h, *b),
         Value::Number(n) => feed_number(h, n),
         Value::String(s) => feed_str(h, s),
-        Value::Array(items) => feed_array(h, items, hash_value),
+        Value::Array(items) => {
+            h.put(&[ARRAY]);
+            h.put(&len_bytes(items.len()));
+            for item in items {
+                hash_value(h, item);
+            }
+        }
         Value::Object(map) => hash_map(h, map),
     }
 }
 
 /// Feeds an object into `h` exactly as [`hash_value`] would feed `Value::Object(map)`, without
 /// building (or cloning into) a `Value`. `serde_json::Map` iterates in key order.
-pub fn hash_map(h: &mut Sha256, map: &serde_json::Map<String, Value>) {
+pub fn hash_map(h: &mut impl Sink, map: &serde_json::Map<String, Value>) {
     hash_sorted(h, map.iter().map(|(k, v)| (k.as_str(), v)), hash_value);
 }
 
 /// Feeds object entries that are already in key order, each key once.
-pub fn hash_sorted<'k, T>(
-    h: &mut Sha256,
+pub fn hash_sorted<'k, T, S: Sink>(
+    h: &mut S,
     entries: impl ExactSizeIterator<Item = (&'k str, T)>,
-    hash: impl Fn(&mut Sha256, T),
+    hash: impl Fn(&mut S, T),
 ) {
-    h.update(b"{");
-    h.update((entries.len() as u64).to_le_bytes());
+    h.put(&[OBJECT]);
+    h.put(&len_bytes(entries.len()));
     for (k, v) in entries {
-        h.update((k.len() as u64).to_le_bytes());
-        h.update(k.as_bytes());
+        h.put(&len_bytes(k.len()));
+        h.put(k.as_bytes());
         hash(h, v);
     }
 }
@@ -84,73 +118,255 @@ pub fn sort_keep_last<T, K: Ord + ?Sized>(mut items: Vec<T>, key: impl Fn(&T) ->
     out
 }
 
-/// A JSON value parsed without copying what it can borrow: strings without escapes stay slices
-/// of the input, and objects stay vectors of entries (no map is built). Hashing it feeds exactly
-/// what [`hash_value`] feeds for the same text parsed into a [`Value`], so a page can be hashed
-/// straight from its response text.
-#[derive(Debug)]
-pub enum Node<'a> {
-    Null,
-    Bool(bool),
-    Number(serde_json::Number),
-    Str(Cow<'a, str>),
-    Array(Vec<Node<'a>>),
-    /// In input order, duplicate keys included (the last one wins, as in a [`Value`]).
-    Object(Vec<(Cow<'a, str>, Node<'a>)>),
+/// The canonical bytes of JSON text, written in one pass over the text: no tree is built and
+/// nothing is allocated per value (the buffers are reused). Each object's entries are written
+/// in input order and reordered in place only when their keys are not already sorted and
+/// unique. The bytes are exactly what [`hash_value`] feeds for the same text parsed into a
+/// [`Value`], so a page is hashed straight from its response text.
+#[derive(Default)]
+pub struct Canonical {
+    out: Vec<u8>,
+    /// The open objects' entries (start, end in `out`), innermost last.
+    entries: Vec<(usize, usize)>,
+    scratch: Vec<u8>,
 }
 
-impl<'a> Node<'a> {
-    /// Parses `text` (one JSON value), borrowing from it.
-    pub fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(text)
+/// What is read of an object's own members while its canonical bytes are written: the last
+/// `id`, `type` and `has_more` (when they are a string, a string and a boolean), and the members
+/// that are arrays of at least `long` items.
+#[derive(Debug, Default)]
+pub struct Head<'de> {
+    pub id: Option<Cow<'de, str>>,
+    pub ty: Option<Cow<'de, str>>,
+    pub has_more: Option<bool>,
+    pub long_arrays: Vec<Cow<'de, str>>,
+}
+
+impl Canonical {
+    /// Forgets what was written (keeps the memory).
+    pub fn clear(&mut self) {
+        self.out.clear();
+        self.entries.clear();
     }
 
-    /// The member `key` of an object (its last occurrence), like [`Value::get`].
-    pub fn get(&self, key: &str) -> Option<&Node<'a>> {
-        match self {
-            Node::Object(entries) => entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
+    /// Forgets what was written and gives back the memory above `bytes` per buffer (after an
+    /// unusually large value), so a reused buffer does not keep the largest value it ever held.
+    pub fn trim(&mut self, bytes: usize) {
+        self.clear();
+        for buf in [&mut self.out, &mut self.scratch] {
+            buf.clear();
+            buf.shrink_to(bytes);
         }
+        self.entries.shrink_to(bytes / 64);
     }
 
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Node::Str(s) => Some(s),
-            _ => None,
-        }
+    /// Everything written since the last [`Canonical::clear`].
+    pub fn bytes(&self) -> &[u8] {
+        &self.out
     }
 
-    pub fn as_bool(&self) -> Option<bool> {
-        match self {
-            Node::Bool(b) => Some(*b),
-            _ => None,
-        }
+    /// Appends the canonical bytes of `text` (one JSON value); returns where they are.
+    pub fn write(&mut self, text: &str) -> Result<Range<usize>, serde_json::Error> {
+        let start = self.out.len();
+        Put { c: self, capture: Capture::None }.deserialize(&mut serde_json::Deserializer::from_str(text))?;
+        Ok(start..self.out.len())
     }
 
-    pub fn as_array(&self) -> Option<&[Node<'a>]> {
-        match self {
-            Node::Array(items) => Some(items),
-            _ => None,
-        }
+    /// Like [`Canonical::write`], and reads the value's [`Head`] (arrays of `long` items or more
+    /// are listed) on the way.
+    pub fn write_with_head<'de>(
+        &mut self,
+        text: &'de str,
+        long: usize,
+    ) -> Result<(Range<usize>, Head<'de>), serde_json::Error> {
+        let start = self.out.len();
+        let mut head = Head::default();
+        Put { c: self, capture: Capture::Head(&mut head, long) }
+            .deserialize(&mut serde_json::Deserializer::from_str(text))?;
+        Ok((start..self.out.len(), head))
     }
 
-    /// Feeds the value into `h` exactly as [`hash_value`] feeds the equivalent [`Value`].
-    pub fn hash_into(&self, h: &mut Sha256) {
-        match self {
-            Node::Null => feed_null(h),
-            Node::Bool(b) => feed_bool(h, *b),
-            Node::Number(n) => feed_number(h, n),
-            Node::Str(s) => feed_str(h, s),
-            Node::Array(items) => feed_array(h, items, |h, item| item.hash_into(h)),
-            Node::Object(entries) => {
-                let entries: Vec<(&str, &Node)> = entries.iter().map(|(k, v)| (k.as_ref(), v)).collect();
-                let kept = sort_keep_last(entries, |(k, _)| *k);
-                hash_sorted(h, kept.into_iter(), |h, v| v.hash_into(h))
+    fn key(out: &[u8], (start, _): (usize, usize)) -> &[u8] {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&out[start..start + 8]);
+        &out[start + 8..start + 8 + u64::from_le_bytes(n) as usize]
+    }
+
+    /// Closes the object whose entries start at `self.entries[base]` and whose bytes start at
+    /// `region`: puts them in key order, keeps the last of equal keys, returns how many remain.
+    fn close_object(&mut self, base: usize, region: usize) -> usize {
+        let Canonical { out, entries, scratch } = self;
+        let open = &mut entries[base..];
+        let in_order = open.windows(2).all(|w| Self::key(out, w[0]) < Self::key(out, w[1]));
+        let count = if in_order {
+            open.len()
+        } else {
+            // Stable: equal keys keep their input order, and the last of them is kept.
+            open.sort_by(|a, b| Self::key(out, *a).cmp(Self::key(out, *b)));
+            let mut kept = 0;
+            for i in 0..open.len() {
+                let last_of_its_key =
+                    i + 1 == open.len() || Self::key(out, open[i]) != Self::key(out, open[i + 1]);
+                if last_of_its_key {
+                    open[kept] = open[i];
+                    kept += 1;
+                }
             }
-        }
+            scratch.clear();
+            scratch.extend_from_slice(&out[region..]);
+            out.truncate(region);
+            for &(start, end) in &open[..kept] {
+                out.extend_from_slice(&scratch[start - region..end - region]);
+            }
+            kept
+        };
+        entries.truncate(base);
+        count
     }
 }
 
+/// Where a value read by [`Put`] is also recorded.
+enum Capture<'w, 'de> {
+    None,
+    /// The value is the object whose [`Head`] is read (arrays of this many items or more listed).
+    Head(&'w mut Head<'de>, usize),
+    Str(&'w mut Option<Cow<'de, str>>),
+    Bool(&'w mut Option<bool>),
+    Len(&'w mut Option<usize>),
+}
+
+/// Writes one value's canonical bytes into `c`.
+struct Put<'w, 'de> {
+    c: &'w mut Canonical,
+    capture: Capture<'w, 'de>,
+}
+
+impl<'de> DeserializeSeed<'de> for Put<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Put<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        if let Capture::Bool(slot) = self.capture {
+            *slot = Some(v);
+        }
+        feed_bool(&mut self.c.out, v);
+        Ok(())
+    }
+    // Numbers as `Value` reads them, so their text (and hash) is the same.
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        feed_number(&mut self.c.out, &v.into());
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        feed_number(&mut self.c.out, &v.into());
+        Ok(())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        match serde_json::Number::from_f64(v) {
+            Some(n) => feed_number(&mut self.c.out, &n),
+            None => feed_null(&mut self.c.out),
+        }
+        Ok(())
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<(), E> {
+        feed_str(&mut self.c.out, v);
+        if let Capture::Str(slot) = self.capture {
+            *slot = Some(Cow::Borrowed(v));
+        }
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        feed_str(&mut self.c.out, v);
+        if let Capture::Str(slot) = self.capture {
+            *slot = Some(Cow::Owned(v.to_owned()));
+        }
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        feed_null(&mut self.c.out);
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        feed_null(&mut self.c.out);
+        Ok(())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let c = self.c;
+        c.out.push(ARRAY);
+        let at = c.out.len();
+        c.out.extend_from_slice(&[0; 8]);
+        let mut n = 0usize;
+        while seq.next_element_seed(Put { c: &mut *c, capture: Capture::None })?.is_some() {
+            n += 1;
+        }
+        c.out[at..at + 8].copy_from_slice(&len_bytes(n));
+        if let Capture::Len(slot) = self.capture {
+            *slot = Some(n);
+        }
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let c = self.c;
+        let mut head = match self.capture {
+            Capture::Head(head, long) => Some((head, long)),
+            _ => None,
+        };
+        c.out.push(OBJECT);
+        let at = c.out.len();
+        c.out.extend_from_slice(&[0; 8]);
+        let base = c.entries.len();
+        while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+            let start = c.out.len();
+            c.out.extend_from_slice(&len_bytes(key.len()));
+            c.out.extend_from_slice(key.as_bytes());
+            match &mut head {
+                None => map.next_value_seed(Put { c: &mut *c, capture: Capture::None })?,
+                Some((head, long)) => {
+                    // Each occurrence of a member replaces what an earlier one recorded.
+                    head.long_arrays.retain(|k| *k != key);
+                    let capture = match key.as_ref() {
+                        "id" => Capture::Str(&mut head.id),
+                        "type" => Capture::Str(&mut head.ty),
+                        "has_more" => Capture::Bool(&mut head.has_more),
+                        _ => Capture::None,
+                    };
+                    match capture {
+                        Capture::Str(slot) => {
+                            *slot = None;
+                            map.next_value_seed(Put { c: &mut *c, capture: Capture::Str(slot) })?
+                        }
+                        Capture::Bool(slot) => {
+                            *slot = None;
+                            map.next_value_seed(Put { c: &mut *c, capture: Capture::Bool(slot) })?
+                        }
+                        _ => {
+                            let mut len = None;
+                            map.next_value_seed(Put { c: &mut *c, capture: Capture::Len(&mut len) })?;
+                            if len.is_some_and(|n| n >= *long) {
+                                head.long_arrays.push(key);
+                            }
+                        }
+                    }
+                }
+            }
+            c.entries.push((start, c.out.len()));
+        }
+        let count = c.close_object(base, at + 8);
+        c.out[at..at + 8].copy_from_slice(&len_bytes(count));
+        Ok(())
+    }
+}
 /// A string that borrows from the input when it has no escapes (a JSON key or value).
 pub struct Text<'a>(pub Cow<'a, str>);
 
@@ -173,64 +389,6 @@ impl<'de> Deserialize<'de> for Text<'de> {
             }
         }
         d.deserialize_str(V)
-    }
-}
-
-impl<'de> Deserialize<'de> for Node<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Node<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-                Ok(Node::Bool(v))
-            }
-            // Numbers as `Value` reads them, so their text (and hash) is the same.
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(Node::Number(v.into()))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(Node::Number(v.into()))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-                Ok(serde_json::Number::from_f64(v).map_or(Node::Null, Node::Number))
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Node::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Node::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Node::Str(Cow::Owned(v)))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(Node::Null)
-            }
-            fn visit_none<E>(self) -> Result<Self::Value, E> {
-                Ok(Node::Null)
-            }
-            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-                Node::deserialize(d)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                Ok(Node::Array(items))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some((Text(k), v)) = map.next_entry::<Text<'de>, Node<'de>>()? {
-                    entries.push((k, v));
-                }
-                Ok(Node::Object(entries))
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -265,13 +423,14 @@ mod tests {
     }
 
     fn node_hash(text: &str) -> String {
-        let mut h = Sha256::new();
-        Node::parse(text).expect("json").hash_into(&mut h);
-        hex::encode(h.finalize())
+        let mut c = Canonical::default();
+        let range = c.write(text).expect("json");
+        assert_eq!(range, 0..c.bytes().len());
+        hex::encode(Sha256::digest(c.bytes()))
     }
 
     #[test]
-    fn a_node_hashes_exactly_like_the_value_of_the_same_text() {
+    fn the_canonical_writer_feeds_what_the_value_of_the_same_text_feeds() {
         let texts = [
             r#"null"#,
             r#"{"b":1,"a":[true,false,null],"c":{"z":"x","y":-3}}"#,
@@ -288,13 +447,91 @@ mod tests {
         assert_ne!(node_hash(r#"{"a":1,"a":2}"#), node_hash(r#"{"a":2,"a":1}"#));
     }
 
+    /// Random JSON text: objects with shuffled, repeated and escaped keys, nested arrays, numbers
+    /// of every kind.
+    fn random_json(rng: &mut impl rand::Rng, depth: u32, out: &mut String) {
+        const KEYS: [&str; 9] = ["a", "b", "id", "type", "Z", "é", "a\\b", "\\u00e9", ""];
+        match rng.random_range(0..if depth == 0 { 5 } else { 7 }) {
+            0 => out.push_str("null"),
+            1 => out.push_str(if rng.random() { "true" } else { "false" }),
+            2 => out.push_str(
+                ["0", "-1", "1.5", "1e2", "-0.0", "18446744073709551616", "2.5e-7"][rng.random_range(0..7)],
+            ),
+            3 => out.push_str(&rng.random::<i64>().to_string()),
+            4 => out.push_str(["\"x\"", "\"\\n\\ud83d\\ude00\"", "\"\"", "\"é\""][rng.random_range(0..4)]),
+            5 => {
+                out.push('[');
+                for i in 0..rng.random_range(0..4) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    random_json(rng, depth - 1, out);
+                }
+                out.push(']');
+            }
+            _ => {
+                out.push('{');
+                for i in 0..rng.random_range(0..6) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&format!("\"{}\":", KEYS[rng.random_range(0..KEYS.len())]));
+                    random_json(rng, depth - 1, out);
+                }
+                out.push('}');
+            }
+        }
+    }
+
     #[test]
-    fn a_node_borrows_plain_strings_and_reads_members() {
-        let text = r#"{"id":"x%3A1","type":"rich_text","esc":"a\\nb","id":"last"}"#;
-        let node = Node::parse(text).expect("json");
-        assert_eq!(node.get("id").and_then(Node::as_str), Some("last"));
-        assert!(matches!(node.get("type"), Some(Node::Str(Cow::Borrowed(_)))));
-        assert!(matches!(node.get("esc"), Some(Node::Str(Cow::Owned(_)))));
-        assert!(node.get("missing").is_none());
+    fn random_texts_hash_as_their_values_do() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let mut c = Canonical::default();
+        for _ in 0..3000 {
+            let mut text = String::new();
+            random_json(&mut rng, 4, &mut text);
+            let value: Value = serde_json::from_str(&text).expect("generated JSON");
+            // Written after other bytes, as a page's properties are, so offsets are exercised.
+            c.clear();
+            c.write("{\"x\":[1]}").expect("json");
+            let range = c.write(&text).expect("json");
+            let mut h = Sha256::new();
+            hash_value(&mut h, &value);
+            assert_eq!(Sha256::digest(&c.bytes()[range]), h.finalize(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_trimmed_buffer_keeps_no_more_than_asked() {
+        let mut c = Canonical::default();
+        let big = format!(r#"{{"b":"{}","a":1}}"#, "x".repeat(100_000));
+        c.write(&big).expect("json");
+        assert!(c.out.capacity() >= 100_000 && c.scratch.capacity() >= 100_000, "the keys were reordered");
+        c.trim(4096);
+        assert!(c.out.capacity() <= 4096 && c.scratch.capacity() <= 4096);
+        c.write("[1]").expect("json");
+        assert_eq!(c.bytes(), b"[\x01\0\0\0\0\0\0\0#1");
+    }
+
+    #[test]
+    fn the_head_is_read_on_the_way() {
+        let text = r#"{"id":"x%3A1","type":"rich_text","esc":"a\\nb","id":"last","has_more":true,
+            "rich_text":[1,2,3],"short":[1],"nested":{"id":"inner","list":[1,2,3]},"again":[1,2,3],"again":0}"#;
+        let mut c = Canonical::default();
+        c.write("[0]").expect("json");
+        let (range, head) = c.write_with_head(text, 3).expect("json");
+        assert_eq!(head.id.as_deref(), Some("last"));
+        assert!(matches!(head.ty, Some(Cow::Borrowed("rich_text"))));
+        assert_eq!(head.has_more, Some(true));
+        assert_eq!(head.long_arrays, vec![Cow::Borrowed("rich_text")], "the last occurrence counts");
+        let value: Value = serde_json::from_str(text).expect("json");
+        let mut h = Sha256::new();
+        hash_value(&mut h, &value);
+        assert_eq!(Sha256::digest(&c.bytes()[range]), h.finalize());
+        let (_, head) = c.write_with_head(r#"{"id":7,"has_more":"yes","type":"title"}"#, 3).expect("json");
+        assert_eq!((head.id, head.has_more), (None, None), "members of another kind are not read");
+        let (_, head) = c.write_with_head(r#"{"id":"a","id":null}"#, 3).expect("json");
+        assert_eq!(head.id, None, "the last occurrence counts");
     }
 }

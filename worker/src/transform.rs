@@ -1,11 +1,14 @@
-//! From Notion's page objects to rows, straight from each result's text: one parse, no JSON tree
-//! kept, no map built. The properties are stored as the text Notion sent (re-keyed by property
-//! id), and the content hash is computed over a borrowed parse of that text, so a page costs one
-//! scan, one hash and one copy. Bad pages are isolated, not fatal.
+//! From Notion's page objects to rows, straight from each result's text: no JSON tree is built
+//! and no map either. The properties are stored as the text Notion sent (re-keyed by property
+//! id), and the content hash is computed over canonical bytes written in one pass over each
+//! value's text into a reused buffer, so a page costs two scans (its fields, then its values),
+//! one hash and one copy. Bad pages are isolated, not fatal.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -14,7 +17,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use syncfleet_shared::db::pages::PageRow;
-use syncfleet_shared::hashing::{Node, Text, hash_sorted, sort_keep_last};
+use syncfleet_shared::hashing::{Canonical, Head, Text, feed_null, hash_sorted, sort_keep_last};
 use syncfleet_shared::mapping::Mapping;
 use syncfleet_shared::notion::types::{Timestamp, UserRef};
 use uuid::Uuid;
@@ -126,33 +129,34 @@ impl<'de: 'a, 'a> Deserialize<'de> for Properties<'a> {
     }
 }
 
-/// One property, read: the key it is stored under (its id, else its name) and its value.
+/// Property values of 25 or more items may have been cut short by the page object.
+const TRUNCATION_LENGTH: usize = 25;
+
+/// One property, read: the key it is stored under (its id, else its name), its value's text and
+/// where its canonical bytes are in the page's [`Canonical`] buffer.
 struct Property<'a> {
     id: Cow<'a, str>,
     text: &'a RawValue,
-    value: Node<'a>,
+    canonical: Range<usize>,
+    head: Head<'a>,
 }
 
 impl<'a> Property<'a> {
-    fn read(name: Cow<'a, str>, text: &'a RawValue) -> Result<Self, serde_json::Error> {
-        let value = Node::parse(text.get())?;
-        let id = match value.get("id") {
-            Some(Node::Str(id)) => id.clone(),
-            _ => name,
-        };
-        Ok(Property { id, text, value })
+    fn read(name: Cow<'a, str>, text: &'a RawValue, buf: &mut Canonical) -> Result<Self, serde_json::Error> {
+        let (canonical, head) = buf.write_with_head(text.get(), TRUNCATION_LENGTH)?;
+        let id = head.id.clone().unwrap_or(name);
+        Ok(Property { id, text, canonical, head })
     }
 
     /// Whether the page object cut this value short (Notion returns at most 25 references):
     /// a relation that says `has_more`, or a people or rich-text list of 25 or more items.
     fn truncated(&self) -> Option<(String, String)> {
-        let id = self.value.get("id")?.as_str()?;
-        let ty = self.value.get("type")?.as_str()?;
+        // A value without an id of its own cannot be completed.
+        let id = self.head.id.as_deref()?;
+        let ty = self.head.ty.as_deref()?;
         let truncated = match ty {
-            "relation" => self.value.get("has_more").and_then(Node::as_bool).unwrap_or(false),
-            "people" | "rich_text" | "title" => {
-                self.value.get(ty).and_then(Node::as_array).is_some_and(|a| a.len() >= 25)
-            }
+            "relation" => self.head.has_more.unwrap_or(false),
+            "people" | "rich_text" | "title" => self.head.long_arrays.iter().any(|k| k == ty),
             _ => false,
         };
         truncated.then(|| (id.to_string(), ty.to_string()))
@@ -165,15 +169,16 @@ impl<'a> Property<'a> {
 fn keyed<'a>(
     properties: Properties<'a>,
     completed: &'a [(String, Box<RawValue>)],
+    buf: &mut Canonical,
 ) -> Result<Vec<Property<'a>>, serde_json::Error> {
     let mut props = sort_keep_last(properties.0, |(name, _)| name.as_ref())
         .into_iter()
-        .map(|(name, text)| Property::read(name, text))
+        .map(|(name, text)| Property::read(name, text, buf))
         .collect::<Result<Vec<_>, _>>()?;
     for prop in &mut props {
         if let Some((_, text)) = completed.iter().find(|(id, _)| *id == prop.id) {
-            prop.value = Node::parse(text.get())?;
-            prop.text = text;
+            let (canonical, head) = buf.write_with_head(text.get(), TRUNCATION_LENGTH)?;
+            (prop.text, prop.canonical, prop.head) = (text, canonical, head);
         }
     }
     Ok(sort_keep_last(props, |p| p.id.as_ref()))
@@ -181,15 +186,24 @@ fn keyed<'a>(
 
 /// SHA-256 over what a user sees of a page (properties keyed by id, so a rename alone does not
 /// change it), independent of JSON key order: the same bytes as hashing the equivalent `Value`s.
-fn content_hash(view: &PageView, props: &[Property]) -> Result<String, serde_json::Error> {
+fn content_hash(
+    view: &PageView,
+    props: &[Property],
+    buf: &mut Canonical,
+) -> Result<String, serde_json::Error> {
     let mut hasher = Sha256::new();
     // `keyed` left them in key order, each key once.
-    hash_sorted(&mut hasher, props.iter().map(|p| (p.id.as_ref(), &p.value)), |h, v| v.hash_into(h));
+    hash_sorted(&mut hasher, props.iter().map(|p| (p.id.as_ref(), p.canonical.clone())), |h, range| {
+        h.update(&buf.bytes()[range])
+    });
     hasher.update([view.is_archived.unwrap_or(view.archived) as u8, view.in_trash as u8]);
     for decoration in [view.icon, view.cover] {
         match decoration {
-            Some(text) => Node::parse(text.get())?.hash_into(&mut hasher),
-            None => Node::Null.hash_into(&mut hasher),
+            Some(text) => {
+                let range = buf.write(text.get())?;
+                hasher.update(&buf.bytes()[range]);
+            }
+            None => feed_null(&mut hasher),
         }
     }
     hasher.update(view.url.as_deref().unwrap_or_default().as_bytes());
@@ -235,6 +249,7 @@ fn to_row(
     text: &str,
     mapping: &Mapping,
     schema: &Value,
+    buf: &mut Canonical,
 ) -> Result<PageRow, InvalidPage> {
     if !mapping.properties.is_empty() {
         // Only the properties the rules name are needed as values.
@@ -248,7 +263,7 @@ fn to_row(
             return Err(invalid(view.id, reason, page_value(text, props)));
         }
     }
-    let content_hash = content_hash(&view, props)
+    let content_hash = content_hash(&view, props, buf)
         .map_err(|e| invalid(view.id, format!("not a valid page object: {e}"), None))?;
     let properties = properties_text(props).map_err(|reason| invalid(view.id, reason, None))?;
     Ok(PageRow {
@@ -273,6 +288,26 @@ pub fn read_page(
     mapping: &Mapping,
     schema: &Value,
 ) -> Scanned {
+    thread_local! {
+        /// The canonical bytes of the page being read, reused from page to page.
+        static CANONICAL: RefCell<Canonical> = RefCell::default();
+    }
+    CANONICAL.with_borrow_mut(|buf| {
+        buf.clear();
+        let scanned = read_page_in(text, completed, mapping, schema, buf);
+        // A typical page's canonical bytes are about 10 KB; a huge one's memory is not kept.
+        buf.trim(256 * 1024);
+        scanned
+    })
+}
+
+fn read_page_in(
+    text: &str,
+    completed: Option<&[(String, Box<RawValue>)]>,
+    mapping: &Mapping,
+    schema: &Value,
+    buf: &mut Canonical,
+) -> Scanned {
     let mut view = match serde_json::from_str::<PageView>(text) {
         Ok(view) => view,
         Err(e) => return malformed(text, e),
@@ -283,7 +318,7 @@ pub fn read_page(
     let (id, created_time, last_edited_time) = (view.id, view.created_time, view.last_edited_time);
     let gone = view.in_trash || view.archived || view.is_archived == Some(true);
     let read = |outcome| Scanned::Page(Read { id, created_time, last_edited_time, gone, outcome });
-    let props = match keyed(std::mem::take(&mut view.properties), completed.unwrap_or_default()) {
+    let props = match keyed(std::mem::take(&mut view.properties), completed.unwrap_or_default(), buf) {
         Ok(props) => props,
         Err(e) => return Scanned::Malformed(invalid(id, format!("not a valid page object: {e}"), None)),
     };
@@ -293,7 +328,7 @@ pub fn read_page(
             return read(Outcome::Truncated(truncated));
         }
     }
-    match to_row(view, &props, text, mapping, schema) {
+    match to_row(view, &props, text, mapping, schema, buf) {
         Ok(row) => read(Outcome::Row(row)),
         Err(bad) => read(Outcome::Invalid(bad)),
     }
@@ -517,6 +552,25 @@ mod tests {
         let stored: Value = serde_json::from_str(&row.properties).expect("json");
         assert_eq!(stored["rl"]["relation"].as_array().map(Vec::len), Some(60));
         assert_eq!(stored["rl"]["has_more"], false);
+    }
+
+    #[test]
+    fn lists_of_25_or_more_are_truncated_and_shorter_ones_are_not() {
+        let people = |n: usize| json!({"id": "pp", "type": "people", "people": vec![json!({"id": "u"}); n]});
+        let Outcome::Truncated(truncated) = read(&page(json!({"P": people(25)}))).outcome else {
+            panic!("25 people not seen as truncated")
+        };
+        assert_eq!(truncated, vec![("pp".to_string(), "people".to_string())]);
+        assert!(matches!(read(&page(json!({"P": people(24)}))).outcome, Outcome::Row(_)));
+        // Only the list named by the type counts, and a value needs its own id to be completed.
+        let other = json!({"id": "t", "type": "title", "title": [], "people": vec![json!({}); 30]});
+        assert!(matches!(read(&page(json!({"T": other}))).outcome, Outcome::Row(_)));
+        let no_id = json!({"type": "rich_text", "rich_text": vec![json!({}); 30]});
+        assert!(matches!(read(&page(json!({"R": no_id}))).outcome, Outcome::Row(_)));
+        // A huge value is read like any other (the reused buffer then gives its memory back).
+        let huge =
+            json!({"id": "h", "type": "rich_text", "rich_text": [{"plain_text": "x".repeat(2_000_000)}]});
+        assert!(matches!(read(&page(json!({"H": huge}))).outcome, Outcome::Row(_)));
     }
 
     #[test]
