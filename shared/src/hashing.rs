@@ -118,8 +118,8 @@ pub fn sort_keep_last<T, K: Ord + ?Sized>(mut items: Vec<T>, key: impl Fn(&T) ->
     out
 }
 
-/// The canonical bytes of JSON text, written in one pass over the text: no tree is built and
-/// nothing is allocated per value (the buffers are reused). Each object's entries are written
+/// The canonical bytes of JSON text, written in one pass over the text: no tree is built and the
+/// buffers are reused (only strings with escapes are copied). Each object's entries are written
 /// in input order and reordered in place only when their keys are not already sorted and
 /// unique. The bytes are exactly what [`hash_value`] feeds for the same text parsed into a
 /// [`Value`], so a page is hashed straight from its response text.
@@ -132,14 +132,14 @@ pub struct Canonical {
 }
 
 /// What is read of an object's own members while its canonical bytes are written: the last
-/// `id`, `type` and `has_more` (when they are a string, a string and a boolean), and the members
-/// that are arrays of at least `long` items.
+/// `id`, `type` and `has_more` (when they are a string, a string and a boolean), and the length
+/// of the member named by `type` when that member (its last occurrence) is an array.
 #[derive(Debug, Default)]
 pub struct Head<'de> {
     pub id: Option<Cow<'de, str>>,
     pub ty: Option<Cow<'de, str>>,
     pub has_more: Option<bool>,
-    pub long_arrays: Vec<Cow<'de, str>>,
+    pub typed_len: Option<usize>,
 }
 
 impl Canonical {
@@ -172,16 +172,14 @@ impl Canonical {
         Ok(start..self.out.len())
     }
 
-    /// Like [`Canonical::write`], and reads the value's [`Head`] (arrays of `long` items or more
-    /// are listed) on the way.
+    /// Like [`Canonical::write`], and reads the value's [`Head`] on the way.
     pub fn write_with_head<'de>(
         &mut self,
         text: &'de str,
-        long: usize,
     ) -> Result<(Range<usize>, Head<'de>), serde_json::Error> {
         let start = self.out.len();
         let mut head = Head::default();
-        Put { c: self, capture: Capture::Head(&mut head, long) }
+        Put { c: self, capture: Capture::Head(&mut head) }
             .deserialize(&mut serde_json::Deserializer::from_str(text))?;
         Ok((start..self.out.len(), head))
     }
@@ -228,11 +226,10 @@ impl Canonical {
 /// Where a value read by [`Put`] is also recorded.
 enum Capture<'w, 'de> {
     None,
-    /// The value is the object whose [`Head`] is read (arrays of this many items or more listed).
-    Head(&'w mut Head<'de>, usize),
+    /// The value is the object whose [`Head`] is read.
+    Head(&'w mut Head<'de>),
     Str(&'w mut Option<Cow<'de, str>>),
     Bool(&'w mut Option<bool>),
-    Len(&'w mut Option<usize>),
 }
 
 /// Writes one value's canonical bytes into `c`.
@@ -311,15 +308,12 @@ impl<'de> Visitor<'de> for Put<'_, 'de> {
             n += 1;
         }
         c.out[at..at + 8].copy_from_slice(&len_bytes(n));
-        if let Capture::Len(slot) = self.capture {
-            *slot = Some(n);
-        }
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let c = self.c;
         let mut head = match self.capture {
-            Capture::Head(head, long) => Some((head, long)),
+            Capture::Head(head) => Some(head),
             _ => None,
         };
         c.out.push(OBJECT);
@@ -330,37 +324,39 @@ impl<'de> Visitor<'de> for Put<'_, 'de> {
             let start = c.out.len();
             c.out.extend_from_slice(&len_bytes(key.len()));
             c.out.extend_from_slice(key.as_bytes());
-            match &mut head {
-                None => map.next_value_seed(Put { c: &mut *c, capture: Capture::None })?,
-                Some((head, long)) => {
-                    // Each occurrence of a member replaces what an earlier one recorded.
-                    head.long_arrays.retain(|k| *k != key);
-                    let capture = match key.as_ref() {
-                        "id" => Capture::Str(&mut head.id),
-                        "type" => Capture::Str(&mut head.ty),
-                        "has_more" => Capture::Bool(&mut head.has_more),
-                        _ => Capture::None,
-                    };
-                    match capture {
-                        Capture::Str(slot) => {
-                            *slot = None;
-                            map.next_value_seed(Put { c: &mut *c, capture: Capture::Str(slot) })?
-                        }
-                        Capture::Bool(slot) => {
-                            *slot = None;
-                            map.next_value_seed(Put { c: &mut *c, capture: Capture::Bool(slot) })?
-                        }
-                        _ => {
-                            let mut len = None;
-                            map.next_value_seed(Put { c: &mut *c, capture: Capture::Len(&mut len) })?;
-                            if len.is_some_and(|n| n >= *long) {
-                                head.long_arrays.push(key);
-                            }
-                        }
-                    }
+            // Each occurrence of `id`, `type` or `has_more` replaces what an earlier one recorded.
+            let capture = match (&mut head, key.as_ref()) {
+                (Some(head), "id") => Capture::Str(&mut head.id),
+                (Some(head), "type") => Capture::Str(&mut head.ty),
+                (Some(head), "has_more") => Capture::Bool(&mut head.has_more),
+                _ => Capture::None,
+            };
+            match capture {
+                Capture::Str(slot) => {
+                    *slot = None;
+                    map.next_value_seed(Put { c: &mut *c, capture: Capture::Str(slot) })?
                 }
+                Capture::Bool(slot) => {
+                    *slot = None;
+                    map.next_value_seed(Put { c: &mut *c, capture: Capture::Bool(slot) })?
+                }
+                _ => map.next_value_seed(Put { c: &mut *c, capture: Capture::None })?,
             }
             c.entries.push((start, c.out.len()));
+        }
+        if let Some(head) = head {
+            // The member named by `type`, its last occurrence: an array's canonical bytes are its
+            // tag then its length.
+            let named = head.ty.as_deref().map(str::as_bytes);
+            let last = c.entries[base..].iter().rev().find(|&&e| Some(Canonical::key(&c.out, e)) == named);
+            head.typed_len = last.and_then(|&(start, end)| {
+                let value = &c.out[start + 8 + named.map_or(0, <[u8]>::len)..end];
+                (value.first() == Some(&ARRAY)).then(|| {
+                    let mut n = [0u8; 8];
+                    n.copy_from_slice(&value[1..9]);
+                    u64::from_le_bytes(n) as usize
+                })
+            });
         }
         let count = c.close_object(base, at + 8);
         c.out[at..at + 8].copy_from_slice(&len_bytes(count));
@@ -520,18 +516,31 @@ mod tests {
             "rich_text":[1,2,3],"short":[1],"nested":{"id":"inner","list":[1,2,3]},"again":[1,2,3],"again":0}"#;
         let mut c = Canonical::default();
         c.write("[0]").expect("json");
-        let (range, head) = c.write_with_head(text, 3).expect("json");
+        let (range, head) = c.write_with_head(text).expect("json");
         assert_eq!(head.id.as_deref(), Some("last"));
         assert!(matches!(head.ty, Some(Cow::Borrowed("rich_text"))));
         assert_eq!(head.has_more, Some(true));
-        assert_eq!(head.long_arrays, vec![Cow::Borrowed("rich_text")], "the last occurrence counts");
+        assert_eq!(head.typed_len, Some(3));
         let value: Value = serde_json::from_str(text).expect("json");
         let mut h = Sha256::new();
         hash_value(&mut h, &value);
         assert_eq!(Sha256::digest(&c.bytes()[range]), h.finalize());
-        let (_, head) = c.write_with_head(r#"{"id":7,"has_more":"yes","type":"title"}"#, 3).expect("json");
+        let (_, head) = c.write_with_head(r#"{"id":7,"has_more":"yes","type":"title"}"#).expect("json");
         assert_eq!((head.id, head.has_more), (None, None), "members of another kind are not read");
-        let (_, head) = c.write_with_head(r#"{"id":"a","id":null}"#, 3).expect("json");
+        let (_, head) = c.write_with_head(r#"{"id":"a","id":null}"#).expect("json");
         assert_eq!(head.id, None, "the last occurrence counts");
+        // The member named by `type`: its last occurrence, wherever `type` comes.
+        for (text, len) in [
+            (r#"{"type":"people","people":[1,2,3],"people":"x"}"#, None),
+            (r#"{"people":"x","type":"people","people":[1,2]}"#, Some(2)),
+            (r#"{"title":[1,2,3,4],"type":"title"}"#, Some(4)),
+            (r#"{"title":[],"type":"title"}"#, Some(0)),
+            (r#"{"type":"title"}"#, None),
+            (r#"{"title":[1],"nested":{"type":"title"}}"#, None),
+            (r#"{"type":"a\"b","a\"b":[1]}"#, Some(1)),
+        ] {
+            let (_, head) = c.write_with_head(text).expect("json");
+            assert_eq!(head.typed_len, len, "{text}");
+        }
     }
 }

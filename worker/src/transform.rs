@@ -1,5 +1,6 @@
-//! From Notion's page objects to rows, straight from each result's text: no JSON tree is built
-//! and no map either. The properties are stored as the text Notion sent (re-keyed by property
+//! From Notion's page objects to rows, straight from each result's text: no JSON tree or map is
+//! built for the stored document or the hash (only a database with mapping rules parses the
+//! values its rules name). The properties are stored as the text Notion sent (re-keyed by property
 //! id), and the content hash is computed over canonical bytes written in one pass over each
 //! value's text into a reused buffer, so a page costs two scans (its fields, then its values),
 //! one hash and one copy. Bad pages are isolated, not fatal.
@@ -143,7 +144,7 @@ struct Property<'a> {
 
 impl<'a> Property<'a> {
     fn read(name: Cow<'a, str>, text: &'a RawValue, buf: &mut Canonical) -> Result<Self, serde_json::Error> {
-        let (canonical, head) = buf.write_with_head(text.get(), TRUNCATION_LENGTH)?;
+        let (canonical, head) = buf.write_with_head(text.get())?;
         let id = head.id.clone().unwrap_or(name);
         Ok(Property { id, text, canonical, head })
     }
@@ -156,7 +157,7 @@ impl<'a> Property<'a> {
         let ty = self.head.ty.as_deref()?;
         let truncated = match ty {
             "relation" => self.head.has_more.unwrap_or(false),
-            "people" | "rich_text" | "title" => self.head.long_arrays.iter().any(|k| k == ty),
+            "people" | "rich_text" | "title" => self.head.typed_len.is_some_and(|n| n >= TRUNCATION_LENGTH),
             _ => false,
         };
         truncated.then(|| (id.to_string(), ty.to_string()))
@@ -177,7 +178,7 @@ fn keyed<'a>(
         .collect::<Result<Vec<_>, _>>()?;
     for prop in &mut props {
         if let Some((_, text)) = completed.iter().find(|(id, _)| *id == prop.id) {
-            let (canonical, head) = buf.write_with_head(text.get(), TRUNCATION_LENGTH)?;
+            let (canonical, head) = buf.write_with_head(text.get())?;
             (prop.text, prop.canonical, prop.head) = (text, canonical, head);
         }
     }
