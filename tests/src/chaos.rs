@@ -246,38 +246,27 @@ pub async fn run(seconds: u64) -> anyhow::Result<ChaosReport> {
     for db in &ids[..3] {
         finals.push(enqueue_with_retry(&env, *db, deadline).await?);
     }
-    loop {
-        fleet.supervise(&mut env, &progress)?;
-        let pending_finals = scalar(
-            &env,
-            &format!(
-                "SELECT count(*) FROM sync_runs WHERE id IN ({}) AND status NOT IN ('succeeded', 'partial', 'skipped', 'failed')",
-                finals.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",")
-            ),
-        )
-        .await
-        .unwrap_or(1);
-        let active =
-            scalar(&env, "SELECT count(*) FROM sync_runs WHERE status IN ('queued', 'running', 'retrying')")
-                .await
-                .unwrap_or(1);
-        let pending = scalar(&env, "SELECT count(*) FROM notion_databases WHERE rerun_mode IS NOT NULL")
-            .await
-            .unwrap_or(1);
-        // The malformed messages and every job have left the work and park queues.
-        let ready = env.jobs_waiting().await.unwrap_or(1);
-        if pending_finals == 0 && active == 0 && pending == 0 && ready == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.settle(&mut env, &finals, deadline, &progress).await?;
+    // Stop scheduling, let what the scheduler published before it stopped finish, then stop the
+    // workers and count. Counting as soon as the fleet looked settled raced with a job the
+    // scheduler published just after: it was still running when the count was taken.
+    progress("stopping the scheduler");
+    let producer = fleet.producer;
+    env.signal_worker(producer, Signal::SIGTERM)?;
+    if let Err(e) = env.wait_worker_exit(producer, Duration::from_secs(30)).await {
+        fleet.unexpected += 1;
+        progress(&format!("the scheduler did not stop on SIGTERM: {e:#}"));
     }
-    // Stop scheduling before counting.
+    fleet.settle(&mut env, &finals, Instant::now() + Duration::from_secs(60), &progress).await?;
     progress("counting");
     for pid in env.child_pids() {
         env.signal_worker(pid, Signal::SIGTERM)?;
+    }
+    for pid in env.child_pids() {
+        if let Err(e) = env.wait_worker_exit(pid, Duration::from_secs(60)).await {
+            fleet.unexpected += 1;
+            progress(&format!("worker {pid} did not stop on SIGTERM: {e:#}"));
+        }
     }
     let mut report = ChaosReport {
         malformed_published: malformed,
@@ -387,6 +376,45 @@ struct Fleet<'a> {
 
 impl Fleet<'_> {
     /// Restarts whatever exited and brings the workers back to [`WORKERS`].
+    /// Waits (until `deadline`) for the final runs to end and for the fleet to be idle: nothing
+    /// running, no rerun request pending, nothing waiting in the work and park queues.
+    async fn settle(
+        &mut self,
+        env: &mut TestEnv,
+        finals: &[uuid::Uuid],
+        deadline: Instant,
+        progress: &impl Fn(&str),
+    ) -> anyhow::Result<()> {
+        loop {
+            self.supervise(env, progress)?;
+            let pending_finals = scalar(
+                env,
+                &format!(
+                    "SELECT count(*) FROM sync_runs WHERE id IN ({}) AND status NOT IN ('succeeded', 'partial', 'skipped', 'failed')",
+                    finals.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",")
+                ),
+            )
+            .await
+            .unwrap_or(1);
+            let active = scalar(
+                env,
+                "SELECT count(*) FROM sync_runs WHERE status IN ('queued', 'running', 'retrying')",
+            )
+            .await
+            .unwrap_or(1);
+            let pending = scalar(env, "SELECT count(*) FROM notion_databases WHERE rerun_mode IS NOT NULL")
+                .await
+                .unwrap_or(1);
+            // The malformed messages and every job have left the work and park queues.
+            let ready = env.jobs_waiting().await.unwrap_or(1);
+            if (pending_finals == 0 && active == 0 && pending == 0 && ready == 0) || Instant::now() > deadline
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     fn supervise(&mut self, env: &mut TestEnv, progress: &impl Fn(&str)) -> anyhow::Result<()> {
         for (pid, code) in env.take_exited() {
             self.restarts += 1;
