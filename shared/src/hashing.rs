@@ -184,10 +184,15 @@ impl Canonical {
         Ok((start..self.out.len(), head))
     }
 
-    fn key(out: &[u8], (start, _): (usize, usize)) -> &[u8] {
+    /// A length this writer wrote (see [`len_bytes`]) at `at`.
+    fn len_at(out: &[u8], at: usize) -> usize {
         let mut n = [0u8; 8];
-        n.copy_from_slice(&out[start..start + 8]);
-        &out[start + 8..start + 8 + u64::from_le_bytes(n) as usize]
+        n.copy_from_slice(&out[at..at + 8]);
+        u64::from_le_bytes(n) as usize
+    }
+
+    fn key(out: &[u8], (start, _): (usize, usize)) -> &[u8] {
+        &out[start + 8..start + 8 + Self::len_at(out, start)]
     }
 
     /// Closes the object whose entries start at `self.entries[base]` and whose bytes start at
@@ -230,6 +235,12 @@ enum Capture<'w, 'de> {
     Head(&'w mut Head<'de>),
     Str(&'w mut Option<Cow<'de, str>>),
     Bool(&'w mut Option<bool>),
+}
+
+/// `slot`, emptied: a later occurrence of a member replaces what an earlier one recorded.
+fn cleared<T>(slot: &mut Option<T>) -> &mut Option<T> {
+    *slot = None;
+    slot
 }
 
 /// Writes one value's canonical bytes into `c`.
@@ -324,24 +335,13 @@ impl<'de> Visitor<'de> for Put<'_, 'de> {
             let start = c.out.len();
             c.out.extend_from_slice(&len_bytes(key.len()));
             c.out.extend_from_slice(key.as_bytes());
-            // Each occurrence of `id`, `type` or `has_more` replaces what an earlier one recorded.
             let capture = match (&mut head, key.as_ref()) {
-                (Some(head), "id") => Capture::Str(&mut head.id),
-                (Some(head), "type") => Capture::Str(&mut head.ty),
-                (Some(head), "has_more") => Capture::Bool(&mut head.has_more),
+                (Some(head), "id") => Capture::Str(cleared(&mut head.id)),
+                (Some(head), "type") => Capture::Str(cleared(&mut head.ty)),
+                (Some(head), "has_more") => Capture::Bool(cleared(&mut head.has_more)),
                 _ => Capture::None,
             };
-            match capture {
-                Capture::Str(slot) => {
-                    *slot = None;
-                    map.next_value_seed(Put { c: &mut *c, capture: Capture::Str(slot) })?
-                }
-                Capture::Bool(slot) => {
-                    *slot = None;
-                    map.next_value_seed(Put { c: &mut *c, capture: Capture::Bool(slot) })?
-                }
-                _ => map.next_value_seed(Put { c: &mut *c, capture: Capture::None })?,
-            }
+            map.next_value_seed(Put { c: &mut *c, capture })?;
             c.entries.push((start, c.out.len()));
         }
         if let Some(head) = head {
@@ -351,11 +351,7 @@ impl<'de> Visitor<'de> for Put<'_, 'de> {
             let last = c.entries[base..].iter().rev().find(|&&e| Some(Canonical::key(&c.out, e)) == named);
             head.typed_len = last.and_then(|&(start, end)| {
                 let value = &c.out[start + 8 + named.map_or(0, <[u8]>::len)..end];
-                (value.first() == Some(&ARRAY)).then(|| {
-                    let mut n = [0u8; 8];
-                    n.copy_from_slice(&value[1..9]);
-                    u64::from_le_bytes(n) as usize
-                })
+                (value.first() == Some(&ARRAY)).then(|| Canonical::len_at(value, 1))
             });
         }
         let count = c.close_object(base, at + 8);
