@@ -389,8 +389,10 @@ fn clock_ticks() -> f64 {
 
 /// PostgreSQL's floor for storing the rows a run wrote: the server CPU (every `postgres`
 /// process) of one plain `COPY … FROM STDIN (FORMAT binary)` of the same `notion_pages` rows
-/// into a table without indexes (with the same column compression): `postgres_copy_floor_us_per_page`,
-/// and the wall time.
+/// into a table without indexes with the same column compression
+/// (`postgres_copy_floor_us_per_page`, and the wall time), and the same into a table created
+/// with the server's defaults (`postgres_copy_floor_default_compression_us_per_page`), which
+/// shows what the column's compression choice is worth. Each copy starts after a `CHECKPOINT`.
 pub async fn copy_floor(
     db: &sea_orm::DatabaseConnection,
     pages: u64,
@@ -398,31 +400,34 @@ pub async fn copy_floor(
     use futures_util::TryStreamExt;
     use sea_orm::sqlx::postgres::PgPoolCopyExt;
     let pool = db.get_postgres_connection_pool();
-    sea_orm::sqlx::query("DROP TABLE IF EXISTS bench_copy_floor").execute(pool).await?;
-    sea_orm::sqlx::query("CREATE TABLE bench_copy_floor (LIKE notion_pages INCLUDING COMPRESSION)")
-        .execute(pool)
-        .await?;
     let chunks: Vec<_> =
         pool.copy_out_raw("COPY notion_pages TO STDOUT (FORMAT binary)").await?.try_collect().await?;
-    let before = CpuSample::take(&[], 0).postgres;
-    let started = Instant::now();
-    let mut copy = pool.copy_in_raw("COPY bench_copy_floor FROM STDIN (FORMAT binary)").await?;
-    for chunk in &chunks {
-        copy.send(chunk.as_ref()).await?;
-    }
-    let copied = copy.finish().await?;
-    let wall = started.elapsed().as_secs_f64();
-    let cpu = CpuSample::take(&[], 0).postgres.saturating_sub(before) as f64 / clock_ticks();
-    sea_orm::sqlx::query("DROP TABLE bench_copy_floor").execute(pool).await?;
-    if copied != pages {
-        anyhow::bail!("the COPY floor copied {copied} rows, expected {pages}");
-    }
     let mut out = serde_json::Map::new();
-    out.insert(
-        "postgres_copy_floor_us_per_page".into(),
-        crate::bench::round(cpu * 1e6 / pages.max(1) as f64).into(),
-    );
-    out.insert("postgres_copy_floor_s".into(), crate::bench::round(wall).into());
+    for (create, key) in [
+        ("CREATE TABLE bench_copy_floor (LIKE notion_pages INCLUDING COMPRESSION)", "postgres_copy_floor"),
+        ("CREATE TABLE bench_copy_floor (LIKE notion_pages)", "postgres_copy_floor_default_compression"),
+    ] {
+        sea_orm::sqlx::query("DROP TABLE IF EXISTS bench_copy_floor").execute(pool).await?;
+        sea_orm::sqlx::query(create).execute(pool).await?;
+        // Dirty buffers left by the run (or the previous floor) are written out first, so the
+        // checkpoint their WAL would trigger does not land inside the measured copy.
+        sea_orm::sqlx::query("CHECKPOINT").execute(pool).await.context("CHECKPOINT before the COPY floor")?;
+        let before = CpuSample::take(&[], 0).postgres;
+        let started = Instant::now();
+        let mut copy = pool.copy_in_raw("COPY bench_copy_floor FROM STDIN (FORMAT binary)").await?;
+        for chunk in &chunks {
+            copy.send(chunk.as_ref()).await?;
+        }
+        let copied = copy.finish().await?;
+        let wall = started.elapsed().as_secs_f64();
+        let cpu = CpuSample::take(&[], 0).postgres.saturating_sub(before) as f64 / clock_ticks();
+        sea_orm::sqlx::query("DROP TABLE bench_copy_floor").execute(pool).await?;
+        if copied != pages {
+            anyhow::bail!("the COPY floor copied {copied} rows, expected {pages}");
+        }
+        out.insert(format!("{key}_us_per_page"), crate::bench::round(cpu * 1e6 / pages.max(1) as f64).into());
+        out.insert(format!("{key}_s"), crate::bench::round(wall).into());
+    }
     Ok(out)
 }
 
