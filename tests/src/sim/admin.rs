@@ -189,13 +189,19 @@ fn info(state: &SimState) -> Response {
 }
 
 /// The ground truth: every page with its id, timestamps, trash flag and properties exactly as a
-/// `2025-09-03` page object shows them.
+/// `2025-09-03` page object shows them; with `content=true`, also its block tree (`blocks`, each
+/// block as `GET /v1/blocks/{id}/children` lists it, with its own `children`).
 fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError> {
     let only: Option<Uuid> = match param(query, "database_id") {
         None => None,
         Some(s) => {
             Some(Uuid::parse_str(&s).map_err(|_| err(StatusCode::BAD_REQUEST, "database_id is not a UUID"))?)
         }
+    };
+    let content = match param(query, "content").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(err(StatusCode::BAD_REQUEST, "content is true or false")),
     };
     let ws = state.read();
     let mut out = Vec::new();
@@ -206,14 +212,19 @@ fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError>
             .map(|p| {
                 let mut page = data::page_object(&ws, db, p, ApiVersion::V2025, None);
                 let properties = complete_by_id(&ws, db, p, page.get_mut("properties").map(Value::take));
-                data::obj([
+                let mut row = data::obj([
                     ("id", p.id.to_string().into()),
                     ("created_time", data::iso(p.created).into()),
                     ("last_edited_time", data::iso(p.last_edited).into()),
                     ("in_trash", p.in_trash.into()),
                     ("archived", p.in_trash.into()),
                     ("properties", properties),
-                ])
+                ]);
+                if content {
+                    let tree = super::blocks::tree(ws.seed, &ws.users, db, p);
+                    row["blocks"] = super::blocks::export_tree(&tree, super::blocks::Parent::Page(p.id), p);
+                }
+                row
             })
             .collect();
         out.push(data::obj([
@@ -364,6 +375,12 @@ struct Mutation {
     restore: usize,
     #[serde(default)]
     edit_ids: Vec<Uuid>,
+    /// Content edits: the page's blocks change (every fourth block's text), and so does its
+    /// `last_edited_time`; its property values do not.
+    #[serde(default)]
+    content_edit: usize,
+    #[serde(default)]
+    content_edit_ids: Vec<Uuid>,
     #[serde(default)]
     trash_ids: Vec<Uuid>,
     #[serde(default)]
@@ -371,7 +388,8 @@ struct Mutation {
 }
 
 /// Edits, creates, trashes or restores pages. An edit bumps `last_edited_time` to the current
-/// minute and changes the page's values; random picks are deterministic per seed and call.
+/// minute and changes the page's values, a content edit its blocks; random picks are
+/// deterministic per seed and call.
 fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     let now = floor_minute(chrono::Utc::now().timestamp());
     let lag = std::time::Duration::from_millis(state.runtime().index_lag_ms);
@@ -393,6 +411,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
         chosen.into_iter().collect()
     };
     let mut edited = Vec::new();
+    let mut content_edited = Vec::new();
     let mut trashed = Vec::new();
     let mut restored = Vec::new();
     let mut created = Vec::new();
@@ -411,17 +430,25 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
         };
         let mut to_edit = by_ids(db, &m.edit_ids)?;
         to_edit.extend(pick(db, &mut rng, m.edit, false));
+        let mut to_edit_content = by_ids(db, &m.content_edit_ids)?;
+        to_edit_content.extend(pick(db, &mut rng, m.content_edit, false));
         let mut to_trash = by_ids(db, &m.trash_ids)?;
         to_trash.extend(pick(db, &mut rng, m.trash, false));
         let mut to_restore = by_ids(db, &m.restore_ids)?;
         to_restore.extend(pick(db, &mut rng, m.restore, true));
-        for i in to_edit {
-            let p = &mut db.pages[i];
-            p.lag_index(lag);
-            p.version += 1;
-            p.last_edited = now.max(p.created);
-            p.last_edited_by = users[rng.below(users.len() as u64) as usize];
-            edited.push(p.id);
+        for (indices, content) in [(to_edit, false), (to_edit_content, true)] {
+            for i in indices {
+                let p = &mut db.pages[i];
+                p.lag_index(lag);
+                if content {
+                    p.content_version += 1;
+                } else {
+                    p.version += 1;
+                }
+                p.last_edited = now.max(p.created);
+                p.last_edited_by = users[rng.below(users.len() as u64) as usize];
+                if content { content_edited.push(p.id) } else { edited.push(p.id) }
+            }
         }
         for i in to_trash {
             let p = &mut db.pages[i];
@@ -445,6 +472,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
                 created: now,
                 last_edited: now,
                 version: 0,
+                content_version: 0,
                 in_trash: false,
                 created_by: users[rng.below(users.len() as u64) as usize],
                 last_edited_by: users[rng.below(users.len() as u64) as usize],
@@ -470,8 +498,11 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     let event = |kind, page| super::webhook::page_event(kind, page, database, data_source, author);
     let mut events: Vec<Value> = created.iter().map(|p| event("page.created", *p)).collect();
     events.extend(edited.iter().map(|p| event("page.properties_updated", *p)));
+    events.extend(content_edited.iter().map(|p| event("page.content_updated", *p)));
     events.extend(trashed.iter().map(|p| event("page.deleted", *p)));
     events.extend(restored.iter().map(|p| event("page.undeleted", *p)));
     state.announce(events);
-    Ok(ok(json!({"edited": edited, "created": created, "trashed": trashed, "restored": restored})))
+    Ok(ok(
+        json!({"edited": edited, "content_edited": content_edited, "created": created, "trashed": trashed, "restored": restored}),
+    ))
 }

@@ -76,6 +76,47 @@ fn start_cursor(body: &Value) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// The query string of a GET endpoint.
+struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    fn of(call: &Call<'_>) -> Self {
+        Self(
+            url::form_urlencoded::parse(call.query.unwrap_or_default().as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    /// `page_size`: 1–100, 100 when absent.
+    fn page_size(&self) -> Result<usize, ApiError> {
+        match self.get("page_size") {
+            None => Ok(100),
+            Some(s) => match s.parse::<usize>() {
+                Ok(n @ 1..=100) => Ok(n),
+                _ => Err(bad(format!(
+                    "query failed validation: query.page_size should be a number between 1 and 100, instead was `{s}`."
+                ))),
+            },
+        }
+    }
+
+    /// The offset an offset cursor of `scope` stands for (0 without a cursor).
+    fn offset(&self, call: &Call<'_>, scope: &str) -> Result<usize, ApiError> {
+        match self.get("start_cursor") {
+            None => Ok(0),
+            Some(c) => match call.state.cursor(&c) {
+                Some(CursorKind::Offset { scope: s, offset }) if s == scope => Ok(offset),
+                _ => Err(invalid_cursor()),
+            },
+        }
+    }
+}
+
 fn invalid_cursor() -> ApiError {
     bad("The start_cursor provided is invalid.")
 }
@@ -116,7 +157,7 @@ pub fn dispatch(call: &Call<'_>, route: &Route) -> Response {
         Route::PageProperty(id, prop) => page_property(call, id, prop),
         Route::BlockChildren(id) => block_children(call, id),
         Route::Search => search(call),
-        Route::Users => Ok(users(call)),
+        Route::Users => users(call),
         Route::Unknown => Err(invalid_url()),
     };
     result.unwrap_or_else(IntoResponse::into_response)
@@ -287,18 +328,8 @@ fn page_property(call: &Call<'_>, raw: &str, raw_prop: &str) -> Result<Response,
         .iter()
         .find(|d| d.id == raw_prop || d.id == decoded || percent_decode(&d.id) == decoded)
         .ok_or_else(|| not_found("property", raw_prop))?;
-    let params: Vec<(String, String)> =
-        url::form_urlencoded::parse(call.query.unwrap_or_default().as_bytes())
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let size = match param("page_size") {
-        None => 100,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n @ 1..=100) => n,
-            _ => return Err(bad("query.page_size should be a number between 1 and 100.")),
-        },
-    };
+    let params = QueryParams::of(call);
+    let size = params.page_size()?;
     let ty = def.kind.notion_type();
     let items: Vec<Value> = match def.kind {
         Kind::Relation => data::relation_targets(db, page, ws.seed)
@@ -325,13 +356,7 @@ fn page_property(call: &Call<'_>, raw: &str, raw_prop: &str) -> Result<Response,
         }
     };
     let scope = format!("prop:{id}:{}", def.id);
-    let offset = match param("start_cursor") {
-        None => 0,
-        Some(c) => match call.state.cursor(&c) {
-            Some(CursorKind::Offset { scope: s, offset }) if s == scope => offset,
-            _ => return Err(invalid_cursor()),
-        },
-    };
+    let offset = params.offset(call, &scope)?;
     let end = (offset + size).min(items.len());
     let next = (end < items.len()).then(|| call.state.new_cursor(CursorKind::Offset { scope, offset: end }));
     let next_url = next
@@ -352,18 +377,50 @@ fn percent_decode(s: &str) -> String {
         .unwrap_or_else(|| s.to_string())
 }
 
+/// `GET /v1/blocks/{id}/children`: a page's top-level blocks, or a block's children, in order;
+/// `page_size` (1–100, default 100) at a time, `start_cursor` being the id of the first block
+/// to return (as Notion's cursors for this endpoint are).
 fn block_children(call: &Call<'_>, raw: &str) -> Result<Response, ApiError> {
+    use super::blocks::{self, Parent};
     let id = parse_id(raw, "block_id")?;
+    let params = QueryParams::of(call);
+    let size = params.page_size()?;
     let ws = call.state.read();
-    if ws.page(&id).is_none() {
-        return Err(not_found("block", raw));
-    }
-    Ok(ok(list(Vec::new(), None, "block")))
+    let (db, page, parent) = match ws.page(&id) {
+        Some((db, page)) => (db, page, Parent::Page(id)),
+        None => {
+            let (d, seq, _) = blocks::decode(&id).ok_or_else(|| not_found("block", raw))?;
+            let db = ws.databases.iter().find(|db| db.index == d).ok_or_else(|| not_found("block", raw))?;
+            let page = db.pages.get(seq as usize).ok_or_else(|| not_found("block", raw))?;
+            (db, page, Parent::Block(id))
+        }
+    };
+    let tree = blocks::tree(ws.seed, &ws.users, db, page);
+    let children: &[blocks::Block] = match parent {
+        Parent::Page(_) => &tree,
+        Parent::Block(id) => &blocks::find(&tree, id).ok_or_else(|| not_found("block", raw))?.children,
+    };
+    let start = match params.get("start_cursor") {
+        None => 0,
+        Some(c) => {
+            let c = Uuid::parse_str(&c).map_err(|_| invalid_cursor())?;
+            children.iter().position(|b| b.id == c).ok_or_else(invalid_cursor)?
+        }
+    };
+    let end = (start + size).min(children.len());
+    let results = children[start..end].iter().map(|b| blocks::block_json(b, parent, page)).collect();
+    let next = children.get(end).map(|b| b.id.to_string());
+    Ok(ok(list(results, next, "block")))
 }
 
-fn users(call: &Call<'_>) -> Response {
+/// `GET /v1/users`: the workspace's people, then the integration's own bot user, `page_size`
+/// at a time.
+fn users(call: &Call<'_>) -> Result<Response, ApiError> {
+    let params = QueryParams::of(call);
+    let size = params.page_size()?;
+    let offset = params.offset(call, "users")?;
     let ws = call.state.read();
-    let results = ws
+    let mut all: Vec<Value> = ws
         .users
         .iter()
         .enumerate()
@@ -372,8 +429,16 @@ fn users(call: &Call<'_>) -> Response {
                    "avatar_url": null, "person": {"email": format!("user{}@example.com", i + 1)}})
         })
         .collect();
-    ok(list(results, None, "user"))
+    all.push(json!({"object": "user", "id": BOT_USER, "type": "bot", "name": "notion-sim integration",
+                    "avatar_url": null, "bot": {}}));
+    let end = (offset + size).min(all.len());
+    let next = (end < all.len())
+        .then(|| call.state.new_cursor(CursorKind::Offset { scope: "users".into(), offset: end }));
+    Ok(ok(list(all.get(offset..end).map(<[Value]>::to_vec).unwrap_or_default(), next, "user")))
 }
+
+/// The integration's bot user, last in `GET /v1/users`.
+const BOT_USER: &str = "0b07b07b-0000-4000-8000-000000000001";
 
 fn search(call: &Call<'_>) -> Result<Response, ApiError> {
     let body = parse_body(call)?;

@@ -202,6 +202,8 @@ pub struct SimPage {
     pub created: i64,
     pub last_edited: i64,
     pub version: u32,
+    /// Bumped by a content edit; the block tree's text depends on it (`blocks::tree`).
+    pub content_version: u32,
     pub in_trash: bool,
     pub created_by: Uuid,
     pub last_edited_by: Uuid,
@@ -320,6 +322,7 @@ impl Workspace {
                     created,
                     last_edited: edited.max(created),
                     version: 0,
+                    content_version: 0,
                     in_trash: false,
                     created_by: ws.users[prng.below(5) as usize],
                     last_edited_by: ws.users[prng.below(5) as usize],

@@ -9,6 +9,7 @@
 
 mod admin;
 mod api;
+pub mod blocks;
 pub mod data;
 mod limits;
 pub mod query;

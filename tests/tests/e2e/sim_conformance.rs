@@ -529,3 +529,212 @@ async fn random_faults_resets_truncated_json_slow_answers_revoked_tokens_and_uns
     assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
     sim.server.stop().await;
 }
+
+impl Sim {
+    /// Every child of `id` through `GET /v1/blocks/{id}/children`, following cursors; each
+    /// child with a `children` array read the same way (child pages are not followed). Also
+    /// counts the requests.
+    async fn read_tree(&self, id: &str, page_size: usize, requests: &mut u64) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..1000 {
+            let mut path = format!("/v1/blocks/{id}/children?page_size={page_size}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&start_cursor={c}"));
+            }
+            let (status, _, page) = self.call("GET", &path, Some("2025-09-03"), None).await;
+            *requests += 1;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            assert_eq!(page["object"], "list");
+            assert_eq!(page["type"], "block");
+            let results = page["results"].as_array().cloned().unwrap_or_default();
+            assert!(results.len() <= page_size);
+            for mut block in results {
+                let children = if block["has_children"] == true && block["type"] != "child_page" {
+                    let child_id = block["id"].as_str().expect("id").to_string();
+                    Box::pin(self.read_tree(&child_id, page_size, requests)).await
+                } else {
+                    Vec::new()
+                };
+                block["children"] = Value::Array(children);
+                out.push(block);
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) if page["has_more"] == true => cursor = Some(c.to_string()),
+                _ => return out,
+            }
+        }
+        panic!("block pagination did not end");
+    }
+
+    async fn export_with_content(&self) -> Value {
+        self.http
+            .get(format!("{}/_sim/export?content=true", self.server.base_url()))
+            .send()
+            .await
+            .expect("export")
+            .json()
+            .await
+            .expect("export json")
+    }
+}
+
+#[tokio::test]
+async fn block_trees_read_through_the_children_endpoint_equal_the_export_and_a_content_edit_changes_them() {
+    let sim = Sim::start(1100, 0.0).await;
+    let export = sim.export_with_content().await;
+    let pages = export["databases"][0]["pages"].as_array().expect("pages").clone();
+    assert_eq!(pages.len(), 1100);
+    // The showcase (0), a long page (13), a deep one (7), a very large one (501) and plain ones.
+    let mut requests_small = 0;
+    for seq in [0usize, 1, 2, 7, 13, 501] {
+        let id = pages[seq]["id"].as_str().expect("id");
+        let mut requests = 0;
+        let tree = sim.read_tree(id, 100, &mut requests).await;
+        assert!(Value::Array(tree.clone()) == pages[seq]["blocks"], "page {seq} differs from the export");
+        if seq == 13 {
+            assert!(
+                tree.len() > 100 && requests >= 2,
+                "{} top-level blocks, {requests} requests",
+                tree.len()
+            );
+        }
+        if seq == 1 || seq == 2 {
+            requests_small += requests;
+        }
+        // Small pages are read the same way, in any page size.
+        if seq == 7 || seq == 13 {
+            let mut r = 0;
+            assert!(sim.read_tree(id, 7, &mut r).await == tree, "page {seq} read 7 blocks at a time differs");
+        }
+    }
+    assert!(requests_small >= 2);
+    let depth = |tree: &Value| -> usize {
+        fn walk(v: &Value) -> usize {
+            v.as_array().map(|a| a.iter().map(|b| 1 + walk(&b["children"])).max().unwrap_or(0)).unwrap_or(0)
+        }
+        walk(tree)
+    };
+    assert!(depth(&pages[7]["blocks"]) >= 5, "nested at least four levels below the top");
+    let showcase: HashSet<&str> = {
+        fn kinds<'a>(v: &'a Value, out: &mut HashSet<&'a str>) {
+            for b in v.as_array().into_iter().flatten() {
+                out.extend(b["type"].as_str());
+                kinds(&b["children"], out);
+            }
+        }
+        let mut out = HashSet::new();
+        kinds(&pages[0]["blocks"], &mut out);
+        out
+    };
+    for ty in [
+        "heading_1",
+        "bulleted_list_item",
+        "to_do",
+        "toggle",
+        "code",
+        "quote",
+        "callout",
+        "table",
+        "table_row",
+        "equation",
+        "child_page",
+        "child_database",
+        "unsupported",
+    ] {
+        assert!(showcase.contains(ty), "the showcase page has a {ty} block");
+    }
+
+    // Errors: an unknown block, a bad page size, a cursor from elsewhere.
+    let first = pages[1]["id"].as_str().expect("id");
+    let foreign = pages[2]["blocks"][0]["id"].as_str().expect("block id");
+    for (path, want) in [
+        ("/v1/blocks/6f1f6c1e-0000-4000-8000-000000000000/children".to_string(), (404, "object_not_found")),
+        (format!("/v1/blocks/{first}/children?page_size=101"), (400, "validation_error")),
+        (format!("/v1/blocks/{first}/children?start_cursor={foreign}"), (400, "validation_error")),
+    ] {
+        let (status, _, body) = sim.call("GET", &path, Some("2025-09-03"), None).await;
+        assert_eq!((status.as_u16(), body["code"].as_str().unwrap_or_default()), want, "{path}: {body}");
+    }
+
+    // A content edit changes the page's text and last_edited_time, not its ids or properties.
+    let edited = sim
+        .http
+        .post(format!("{}/_sim/mutate", sim.server.base_url()))
+        .json(&json!({"content_edit_ids": [first]}))
+        .send()
+        .await
+        .expect("mutate");
+    assert_eq!(edited.status(), StatusCode::OK);
+    let after = sim.export_with_content().await["databases"][0]["pages"][1].clone();
+    assert_ne!(after["blocks"], pages[1]["blocks"], "the blocks changed");
+    // The properties did not change, except the ones that show the edit itself (and a formula
+    // computed from the edit time).
+    let values = |v: &Value| -> Vec<(String, Value)> {
+        let mut out: Vec<(String, Value)> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, p)| {
+                !matches!(p["type"].as_str(), Some("last_edited_time" | "last_edited_by" | "formula"))
+            })
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    };
+    assert!(values(&after["properties"]).len() > 5);
+    let (was, now) = (values(&pages[1]["properties"]), values(&after["properties"]));
+    let changed: Vec<_> =
+        was.iter().zip(&now).filter(|(a, b)| a != b).map(|(a, b)| (a.1.clone(), b.1.clone())).collect();
+    assert!(changed.is_empty(), "the other properties did not change: {changed:?}");
+    assert!(after["last_edited_time"].as_str() >= pages[1]["last_edited_time"].as_str());
+    let ids = |v: &Value| v.as_array().map(|a| a.iter().map(|b| b["id"].clone()).collect::<Vec<_>>());
+    assert_eq!(ids(&after["blocks"]), ids(&pages[1]["blocks"]), "the same blocks, edited");
+    let mut requests = 0;
+    assert!(
+        Value::Array(sim.read_tree(first, 100, &mut requests).await) == after["blocks"],
+        "the edit is served"
+    );
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn users_are_listed_page_by_page_people_first_then_the_integration_bot() {
+    let sim = Sim::start(10, 0.0).await;
+    let (status, _, whole) = sim.call("GET", "/v1/users", Some("2025-09-03"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let whole = whole["results"].as_array().cloned().unwrap_or_default();
+    let people = sim.server.state.read().users.len();
+    assert_eq!(whole.len(), people + 1);
+    assert!(whole[..people].iter().all(|u| u["type"] == "person" && u["person"]["email"].is_string()));
+    assert_eq!(whole[people]["type"], "bot");
+    let mut read = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut requests = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/users?page_size=2&start_cursor={c}"),
+            None => "/v1/users?page_size=2".to_string(),
+        };
+        let (status, _, page) = sim.call("GET", &path, Some("2025-09-03"), None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        requests += 1;
+        read.extend(page["results"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) if page["has_more"] == true => cursor = Some(c.to_string()),
+            _ => break,
+        }
+        assert!(requests < 10, "pagination ends");
+    }
+    assert_eq!(read, whole);
+    assert_eq!(requests, whole.len().div_ceil(2));
+    let (status, _, body) =
+        sim.call("GET", "/v1/users?start_cursor=not-a-cursor", Some("2025-09-03"), None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("validation_error")),
+        "{body}"
+    );
+    sim.server.stop().await;
+}
