@@ -8,10 +8,11 @@
 //! - `seq % 100 == 13`: 120–269 top-level blocks, so reading them takes two or three requests;
 //! - `seq % 50 == 7`: toggles nested six deep;
 //! - `seq % 1000 == 501`: very large, a 400-row table and 300 paragraphs;
-//! - otherwise 4–12 top-level blocks of mixed types, about two of them with children.
+//! - otherwise 4–12 top-level blocks of mixed types, about one in eight with children (nested
+//!   lists and toggles).
 //!
-//! A content edit bumps the page's content version: the text of every fourth block changes,
-//! ids and shape stay. Block ids encode where the block lives (database, page, ordinal in the
+//! A content edit bumps the page's content version: every fourth block (by ordinal) carries the
+//! version in its text, so each edit changes those blocks' text; ids and shape stay. Block ids encode where the block lives (database, page, ordinal in the
 //! tree), so `GET /v1/blocks/{id}/children` finds any block without an index of all blocks.
 
 use serde_json::{Value, json};
@@ -32,8 +33,10 @@ pub struct Block {
 /// Bytes 6..10 of every block id; page and database ids are random v4 UUIDs.
 const MARK: [u8; 4] = [0x4b, 0x1c, 0x8c, 0xb1];
 
-/// The id of block `ordinal` of page `seq` in database `db`.
+/// The id of block `ordinal` of page `seq` in database `db` (the simulator's workspaces stay far
+/// below 2^32 pages and 2^16 databases).
 pub fn block_id(db: u64, seq: u64, ordinal: u32) -> Uuid {
+    debug_assert!(seq <= u64::from(u32::MAX) && db <= u64::from(u16::MAX));
     let mut b = [0u8; 16];
     b[0..4].copy_from_slice(&(seq as u32).to_be_bytes());
     b[4..6].copy_from_slice(&(db as u16).to_be_bytes());
@@ -65,7 +68,7 @@ struct Gen<'a> {
 impl Gen<'_> {
     fn text(&mut self, base: &str) -> Value {
         let ordinal = self.next;
-        let edited = self.page.content_version > 0 && ordinal % 4 == self.page.content_version % 4;
+        let edited = self.page.content_version > 0 && ordinal.is_multiple_of(4);
         let content = if edited {
             format!("{base} (revision {})", self.page.content_version)
         } else {
@@ -74,15 +77,13 @@ impl Gen<'_> {
         json!([data::rich_text(&content)])
     }
 
-    fn block(&mut self, ty: &'static str, body: Value, children: Vec<Block>) -> Block {
-        // Ordinals are handed out before the children are generated (see `with`), so a
-        // parent's id is stable whatever its subtree holds.
-        let id = block_id(self.db.index, self.page.seq, self.next);
-        self.next += 1;
-        Block { id, ty, body, children }
+    /// A block without children.
+    fn block(&mut self, ty: &'static str, body: Value) -> Block {
+        self.with(ty, body, |_| Vec::new())
     }
 
-    /// A block whose children are generated after its own ordinal is taken.
+    /// A block whose children are generated after its own ordinal is taken, so a parent's id
+    /// does not depend on what its subtree holds.
     fn with(
         &mut self,
         ty: &'static str,
@@ -97,7 +98,7 @@ impl Gen<'_> {
 
     fn paragraph(&mut self, n: u64) -> Block {
         let rt = self.text(&format!("Paragraph {n} of page {}.", self.page.seq));
-        self.block("paragraph", json!({"rich_text": rt, "color": "default"}), Vec::new())
+        self.block("paragraph", json!({"rich_text": rt, "color": "default"}))
     }
 
     fn bullets(&mut self, depth: u32) -> Block {
@@ -134,7 +135,7 @@ impl Gen<'_> {
                                 }
                             })
                             .collect();
-                        g.block("table_row", json!({"cells": cells}), Vec::new())
+                        g.block("table_row", json!({"cells": cells}))
                     })
                     .collect()
             },
@@ -153,24 +154,16 @@ impl Gen<'_> {
             }
             2 => {
                 let rt = self.text(&format!("Heading {n}"));
-                self.block(
-                    "heading_2",
-                    json!({"rich_text": rt, "is_toggleable": false, "color": "default"}),
-                    Vec::new(),
-                )
+                self.block("heading_2", json!({"rich_text": rt, "is_toggleable": false, "color": "default"}))
             }
             3 => {
                 let rt = self.text(&format!("Task {n}"));
                 let checked = self.rng.below(2) == 1;
-                self.block(
-                    "to_do",
-                    json!({"rich_text": rt, "checked": checked, "color": "default"}),
-                    Vec::new(),
-                )
+                self.block("to_do", json!({"rich_text": rt, "checked": checked, "color": "default"}))
             }
             4 => {
                 let rt = self.text("let answer = 42;");
-                self.block("code", json!({"rich_text": rt, "caption": [], "language": "rust"}), Vec::new())
+                self.block("code", json!({"rich_text": rt, "caption": [], "language": "rust"}))
             }
             _ => self.paragraph(n),
         }
@@ -182,67 +175,43 @@ impl Gen<'_> {
         let mut out = Vec::new();
         for (ty, level) in [("heading_1", 1), ("heading_2", 2), ("heading_3", 3)] {
             let rt = self.text(&format!("Heading {level}"));
-            out.push(self.block(
-                ty,
-                json!({"rich_text": rt, "is_toggleable": false, "color": "default"}),
-                Vec::new(),
-            ));
+            out.push(self.block(ty, json!({"rich_text": rt, "is_toggleable": false, "color": "default"})));
         }
-        out.push(self.block("paragraph", json!({"rich_text": rich, "color": "default"}), Vec::new()));
+        out.push(self.block("paragraph", json!({"rich_text": rich, "color": "default"})));
         out.push(self.bullets(0));
         for i in 0..2 {
             let rt = self.text(&format!("Step {}", i + 1));
-            out.push(self.block(
-                "numbered_list_item",
-                json!({"rich_text": rt, "color": "default"}),
-                Vec::new(),
-            ));
+            out.push(self.block("numbered_list_item", json!({"rich_text": rt, "color": "default"})));
         }
         for checked in [true, false] {
             let rt = self.text(if checked { "Done task" } else { "Open task" });
-            out.push(self.block(
-                "to_do",
-                json!({"rich_text": rt, "checked": checked, "color": "default"}),
-                Vec::new(),
-            ));
+            out.push(self.block("to_do", json!({"rich_text": rt, "checked": checked, "color": "default"})));
         }
         out.push(self.toggle_chain(1, 2));
         let code = self.text("fn main() {\n    println!(\"hi\");\n}");
-        out.push(self.block(
-            "code",
-            json!({"rich_text": code, "caption": [], "language": "rust"}),
-            Vec::new(),
-        ));
+        out.push(self.block("code", json!({"rich_text": code, "caption": [], "language": "rust"})));
         let quote = self.text("A quotation.");
-        out.push(self.block("quote", json!({"rich_text": quote, "color": "default"}), Vec::new()));
+        out.push(self.block("quote", json!({"rich_text": quote, "color": "default"})));
         let callout = self.text("Note this.");
         out.push(self.block(
             "callout",
-            json!({"rich_text": callout, "icon": {"type": "emoji", "emoji": "💡"}, "color": "gray_background"}),
-            Vec::new(),
-        ));
-        out.push(self.block("divider", json!({}), Vec::new()));
-        out.push(self.block("equation", json!({"expression": "e^{i\\pi} + 1 = 0"}), Vec::new()));
+            json!({"rich_text": callout, "icon": {"type": "emoji", "emoji": "💡"}, "color": "gray_background"})));
+        out.push(self.block("divider", json!({})));
+        out.push(self.block("equation", json!({"expression": "e^{i\\pi} + 1 = 0"})));
         out.push(self.table(3));
         out.push(self.with("column_list", json!({}), |g| {
             (0..2).map(|c| g.with("column", json!({}), |g| vec![g.paragraph(100 + c)])).collect()
         }));
         out.push(self.with("synced_block", json!({"synced_from": null}), |g| vec![g.paragraph(200)]));
-        out.push(self.block(
-            "bookmark",
-            json!({"caption": [], "url": "https://example.com/reading"}),
-            Vec::new(),
-        ));
+        out.push(self.block("bookmark", json!({"caption": [], "url": "https://example.com/reading"})));
         out.push(self.block(
             "image",
-            json!({"caption": [], "type": "external", "external": {"url": "https://example.com/diagram.png"}}),
-            Vec::new(),
-        ));
-        out.push(self.block("link_to_page", json!({"type": "page_id", "page_id": other}), Vec::new()));
+            json!({"caption": [], "type": "external", "external": {"url": "https://example.com/diagram.png"}})));
+        out.push(self.block("link_to_page", json!({"type": "page_id", "page_id": other})));
         // A sub-page with content of its own, and an inline database: links, not followed.
         out.push(self.with("child_page", json!({"title": "Meeting notes"}), |g| vec![g.paragraph(300)]));
-        out.push(self.block("child_database", json!({"title": "Inline tracker"}), Vec::new()));
-        out.push(self.block("unsupported", json!({}), Vec::new()));
+        out.push(self.block("child_database", json!({"title": "Inline tracker"})));
+        out.push(self.block("unsupported", json!({})));
         out
     }
 }
