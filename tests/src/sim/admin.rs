@@ -190,7 +190,8 @@ fn info(state: &SimState) -> Response {
 
 /// The ground truth: every page with its id, timestamps, trash flag and properties exactly as a
 /// `2025-09-03` page object shows them; with `content=true`, also its block tree (`blocks`, each
-/// block as `GET /v1/blocks/{id}/children` lists it, with its own `children`).
+/// block as `GET /v1/blocks/{id}/children` lists it, with its own `children`); with
+/// `comments=true`, its comments as `GET /v1/comments` lists them.
 fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError> {
     let only: Option<Uuid> = match param(query, "database_id") {
         None => None,
@@ -198,11 +199,12 @@ fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError>
             Some(Uuid::parse_str(&s).map_err(|_| err(StatusCode::BAD_REQUEST, "database_id is not a UUID"))?)
         }
     };
-    let content = match param(query, "content").as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => return Err(err(StatusCode::BAD_REQUEST, "content is true or false")),
+    let flag = |name: &str| match param(query, name).as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(err(StatusCode::BAD_REQUEST, format!("{name} is true or false"))),
     };
+    let (content, with_comments) = (flag("content")?, flag("comments")?);
     let ws = state.read();
     let mut out = Vec::new();
     for db in ws.databases.iter().filter(|d| only.is_none_or(|id| id == d.id)) {
@@ -223,6 +225,9 @@ fn export(state: &SimState, query: Option<&str>) -> Result<Response, AdminError>
                 if content {
                     let tree = super::blocks::tree(ws.seed, &ws.users, db, p);
                     row["blocks"] = super::blocks::export_tree(&tree, super::blocks::Parent::Page(p.id), p);
+                }
+                if with_comments {
+                    row["comments"] = Value::Array(super::comments::comments(&ws.users, db, p));
                 }
                 row
             })
@@ -381,6 +386,12 @@ struct Mutation {
     content_edit: usize,
     #[serde(default)]
     content_edit_ids: Vec<Uuid>,
+    /// A new comment on each page, stamped with the current minute; the page's
+    /// `last_edited_time` does not move (`comments.rs`).
+    #[serde(default)]
+    comment_add: usize,
+    #[serde(default)]
+    comment_add_ids: Vec<Uuid>,
     #[serde(default)]
     trash_ids: Vec<Uuid>,
     #[serde(default)]
@@ -412,6 +423,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     };
     let mut edited = Vec::new();
     let mut content_edited = Vec::new();
+    let mut commented = Vec::new();
     let mut trashed = Vec::new();
     let mut restored = Vec::new();
     let mut created = Vec::new();
@@ -432,6 +444,8 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
         to_edit.extend(pick(db, &mut rng, m.edit, false));
         let mut to_edit_content = by_ids(db, &m.content_edit_ids)?;
         to_edit_content.extend(pick(db, &mut rng, m.content_edit, false));
+        let mut to_comment = by_ids(db, &m.comment_add_ids)?;
+        to_comment.extend(pick(db, &mut rng, m.comment_add, false));
         let mut to_trash = by_ids(db, &m.trash_ids)?;
         to_trash.extend(pick(db, &mut rng, m.trash, false));
         let mut to_restore = by_ids(db, &m.restore_ids)?;
@@ -449,6 +463,11 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
                 p.last_edited_by = users[rng.below(users.len() as u64) as usize];
                 if content { content_edited.push(p.id) } else { edited.push(p.id) }
             }
+        }
+        for i in to_comment {
+            let p = &mut db.pages[i];
+            p.comments_added.push(now.max(p.created));
+            commented.push(p.id);
         }
         for i in to_trash {
             let p = &mut db.pages[i];
@@ -473,6 +492,7 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
                 last_edited: now,
                 version: 0,
                 content_version: 0,
+                comments_added: Vec::new(),
                 in_trash: false,
                 created_by: users[rng.below(users.len() as u64) as usize],
                 last_edited_by: users[rng.below(users.len() as u64) as usize],
@@ -503,6 +523,6 @@ fn mutate(state: &SimState, m: Mutation) -> Result<Response, AdminError> {
     events.extend(restored.iter().map(|p| event("page.undeleted", *p)));
     state.announce(events);
     Ok(ok(
-        json!({"edited": edited, "content_edited": content_edited, "created": created, "trashed": trashed, "restored": restored}),
+        json!({"edited": edited, "content_edited": content_edited, "commented": commented, "created": created, "trashed": trashed, "restored": restored}),
     ))
 }

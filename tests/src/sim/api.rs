@@ -158,6 +158,7 @@ pub fn dispatch(call: &Call<'_>, route: &Route) -> Response {
         Route::BlockChildren(id) => block_children(call, id),
         Route::Search => search(call),
         Route::Users => users(call),
+        Route::Comments => comments(call),
         Route::Unknown => Err(invalid_url()),
     };
     result.unwrap_or_else(IntoResponse::into_response)
@@ -413,6 +414,50 @@ fn block_children(call: &Call<'_>, raw: &str) -> Result<Response, ApiError> {
     Ok(ok(list(results, next, "block")))
 }
 
+/// `GET /v1/comments?block_id=<id>`: a page's comments, oldest first, `page_size` at a time.
+/// The generated blocks carry no discussions, so a block's list is empty.
+fn comments(call: &Call<'_>) -> Result<Response, ApiError> {
+    let params = QueryParams::of(call);
+    let size = params.page_size()?;
+    let raw = params.get("block_id").ok_or_else(|| {
+        bad("query failed validation: query.block_id should be defined, instead was `undefined`.")
+    })?;
+    let id = Uuid::parse_str(&raw).map_err(|_| {
+        bad(format!(
+            "query failed validation: query.block_id should be a valid uuid, instead was `\"{raw}\"`."
+        ))
+    })?;
+    let scope = format!("comments:{id}");
+    let offset = params.offset(call, &scope)?;
+    let ws = call.state.read();
+    let all = match ws.page(&id) {
+        Some((db, page)) => super::comments::comments(&ws.users, db, page),
+        None => {
+            let (d, seq, _) = super::blocks::decode(&id).ok_or_else(|| not_found("block", &raw))?;
+            let db = ws.databases.iter().find(|db| db.index == d).ok_or_else(|| not_found("block", &raw))?;
+            let page = db.pages.get(seq as usize).ok_or_else(|| not_found("block", &raw))?;
+            let tree = super::blocks::tree(ws.seed, &ws.users, db, page);
+            super::blocks::find(&tree, id).ok_or_else(|| not_found("block", &raw))?;
+            Vec::new()
+        }
+    };
+    Ok(offset_list(call, all, offset, size, scope, "comment"))
+}
+
+/// `size` items of `all` from `offset`, with an offset cursor of `scope` for the rest.
+fn offset_list(
+    call: &Call<'_>,
+    all: Vec<Value>,
+    offset: usize,
+    size: usize,
+    scope: String,
+    kind: &str,
+) -> Response {
+    let end = (offset + size).min(all.len());
+    let next = (end < all.len()).then(|| call.state.new_cursor(CursorKind::Offset { scope, offset: end }));
+    ok(list(all.get(offset..end).map(<[Value]>::to_vec).unwrap_or_default(), next, kind))
+}
+
 /// `GET /v1/users`: the workspace's people, then the integration's own bot user, `page_size`
 /// at a time.
 fn users(call: &Call<'_>) -> Result<Response, ApiError> {
@@ -431,10 +476,7 @@ fn users(call: &Call<'_>) -> Result<Response, ApiError> {
         .collect();
     all.push(json!({"object": "user", "id": BOT_USER, "type": "bot", "name": "notion-sim integration",
                     "avatar_url": null, "bot": {}}));
-    let end = (offset + size).min(all.len());
-    let next = (end < all.len())
-        .then(|| call.state.new_cursor(CursorKind::Offset { scope: "users".into(), offset: end }));
-    Ok(ok(list(all.get(offset..end).map(<[Value]>::to_vec).unwrap_or_default(), next, "user")))
+    Ok(offset_list(call, all, offset, size, "users".into(), "user"))
 }
 
 /// The integration's bot user, last in `GET /v1/users`.

@@ -33,15 +33,21 @@ pub struct Block {
 /// Bytes 6..10 of every block id; page and database ids are random v4 UUIDs.
 const MARK: [u8; 4] = [0x4b, 0x1c, 0x8c, 0xb1];
 
-/// The id of block `ordinal` of page `seq` in database `db` (the simulator's workspaces stay far
-/// below 2^32 pages and 2^16 databases).
+/// The id of block `ordinal` of page `seq` in database `db`.
 pub fn block_id(db: u64, seq: u64, ordinal: u32) -> Uuid {
+    marked_id(MARK, db, seq, ordinal)
+}
+
+/// An id that says where its object lives: page `seq` of database `db`, number `n`, with `mark`
+/// (which keeps the UUID's version and variant bits) telling objects apart. The simulator's
+/// workspaces stay far below 2^32 pages and 2^16 databases.
+pub(super) fn marked_id(mark: [u8; 4], db: u64, seq: u64, n: u32) -> Uuid {
     debug_assert!(seq <= u64::from(u32::MAX) && db <= u64::from(u16::MAX));
     let mut b = [0u8; 16];
     b[0..4].copy_from_slice(&(seq as u32).to_be_bytes());
     b[4..6].copy_from_slice(&(db as u16).to_be_bytes());
-    b[6..10].copy_from_slice(&MARK);
-    b[12..16].copy_from_slice(&ordinal.to_be_bytes());
+    b[6..10].copy_from_slice(&mark);
+    b[12..16].copy_from_slice(&n.to_be_bytes());
     Uuid::from_bytes(b)
 }
 

@@ -204,6 +204,8 @@ pub struct SimPage {
     pub version: u32,
     /// Bumped by a content edit; the block tree's text depends on it (`blocks::tree`).
     pub content_version: u32,
+    /// When comments were added through `mutate` (after the generated ones, `comments::comments`).
+    pub comments_added: Vec<i64>,
     pub in_trash: bool,
     pub created_by: Uuid,
     pub last_edited_by: Uuid,
@@ -323,6 +325,7 @@ impl Workspace {
                     last_edited: edited.max(created),
                     version: 0,
                     content_version: 0,
+                    comments_added: Vec::new(),
                     in_trash: false,
                     created_by: ws.users[prng.below(5) as usize],
                     last_edited_by: ws.users[prng.below(5) as usize],

@@ -10,6 +10,7 @@
 mod admin;
 mod api;
 pub mod blocks;
+pub mod comments;
 pub mod data;
 mod limits;
 pub mod query;

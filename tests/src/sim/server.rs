@@ -381,6 +381,7 @@ pub enum Route {
     RetrievePage(String),
     PageProperty(String, String),
     BlockChildren(String),
+    Comments,
     Search,
     Users,
     Unknown,
@@ -415,6 +416,7 @@ impl Route {
                 Route::PageProperty(id.to_string(), prop.to_string())
             }
             ["v1", "blocks", id, "children"] if get => Route::BlockChildren(id.to_string()),
+            ["v1", "comments"] if get => Route::Comments,
             ["v1", "search"] if post => Route::Search,
             ["v1", "users"] if get => Route::Users,
             _ => Route::Unknown,
@@ -431,6 +433,7 @@ impl Route {
             Route::RetrievePage(_) => "/v1/pages/{page_id}",
             Route::PageProperty(..) => "/v1/pages/{page_id}/properties/{property_id}",
             Route::BlockChildren(_) => "/v1/blocks/{block_id}/children",
+            Route::Comments => "/v1/comments",
             Route::Search => "/v1/search",
             Route::Users => "/v1/users",
             Route::Unknown => "unknown",

@@ -535,36 +535,58 @@ impl Sim {
     /// child with a `children` array read the same way (child pages are not followed). Also
     /// counts the requests.
     async fn read_tree(&self, id: &str, page_size: usize, requests: &mut u64) -> Vec<Value> {
+        let (results, made) = self.get_all(&format!("/v1/blocks/{id}/children"), "block", page_size).await;
+        *requests += made;
+        let mut out = Vec::new();
+        for mut block in results {
+            let children = if block["has_children"] == true && block["type"] != "child_page" {
+                let child_id = block["id"].as_str().expect("id").to_string();
+                Box::pin(self.read_tree(&child_id, page_size, requests)).await
+            } else {
+                Vec::new()
+            };
+            block["children"] = Value::Array(children);
+            out.push(block);
+        }
+        out
+    }
+
+    /// `POST /_sim/mutate`, which must succeed.
+    async fn mutate(&self, body: Value) {
+        let response = self
+            .http
+            .post(format!("{}/_sim/mutate", self.server.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("mutate");
+        assert_eq!(response.status(), StatusCode::OK, "mutate {body}");
+    }
+
+    /// Every item of a GET list endpoint, `page_size` a request, following cursors; and the
+    /// requests it took.
+    async fn get_all(&self, path: &str, kind: &str, page_size: usize) -> (Vec<Value>, u64) {
+        let sep = if path.contains('?') { '&' } else { '?' };
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
-        for _ in 0..1000 {
-            let mut path = format!("/v1/blocks/{id}/children?page_size={page_size}");
+        for requests in 1..=1000 {
+            let mut url = format!("{path}{sep}page_size={page_size}");
             if let Some(c) = &cursor {
-                path.push_str(&format!("&start_cursor={c}"));
+                url.push_str(&format!("&start_cursor={c}"));
             }
-            let (status, _, page) = self.call("GET", &path, Some("2025-09-03"), None).await;
-            *requests += 1;
-            assert_eq!(status, StatusCode::OK, "{page}");
+            let (status, _, page) = self.call("GET", &url, Some("2025-09-03"), None).await;
+            assert_eq!(status, StatusCode::OK, "{url}: {page}");
             assert_eq!(page["object"], "list");
-            assert_eq!(page["type"], "block");
+            assert_eq!(page["type"], kind);
             let results = page["results"].as_array().cloned().unwrap_or_default();
             assert!(results.len() <= page_size);
-            for mut block in results {
-                let children = if block["has_children"] == true && block["type"] != "child_page" {
-                    let child_id = block["id"].as_str().expect("id").to_string();
-                    Box::pin(self.read_tree(&child_id, page_size, requests)).await
-                } else {
-                    Vec::new()
-                };
-                block["children"] = Value::Array(children);
-                out.push(block);
-            }
+            out.extend(results);
             match page["next_cursor"].as_str() {
                 Some(c) if page["has_more"] == true => cursor = Some(c.to_string()),
-                _ => return out,
+                _ => return (out, requests),
             }
         }
-        panic!("block pagination did not end");
+        panic!("{path}: pagination did not end");
     }
 
     async fn export_with_content(&self) -> Value {
@@ -666,14 +688,7 @@ async fn block_trees_read_through_the_children_endpoint_equal_the_export_and_a_c
     }
 
     // A content edit changes the page's text and last_edited_time, not its ids or properties.
-    let edited = sim
-        .http
-        .post(format!("{}/_sim/mutate", sim.server.base_url()))
-        .json(&json!({"content_edit_ids": [first]}))
-        .send()
-        .await
-        .expect("mutate");
-    assert_eq!(edited.status(), StatusCode::OK);
+    sim.mutate(json!({"content_edit_ids": [first]})).await;
     let after = sim.export_with_content().await["databases"][0]["pages"][1].clone();
     // Every block's id and text, depth first.
     fn walk(v: &Value, out: &mut Vec<(String, Vec<String>)>) {
@@ -736,26 +751,9 @@ async fn users_are_listed_page_by_page_people_first_then_the_integration_bot() {
     assert_eq!(whole.len(), people + 1);
     assert!(whole[..people].iter().all(|u| u["type"] == "person" && u["person"]["email"].is_string()));
     assert_eq!(whole[people]["type"], "bot");
-    let mut read = Vec::new();
-    let mut cursor: Option<String> = None;
-    let mut requests = 0;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/users?page_size=2&start_cursor={c}"),
-            None => "/v1/users?page_size=2".to_string(),
-        };
-        let (status, _, page) = sim.call("GET", &path, Some("2025-09-03"), None).await;
-        assert_eq!(status, StatusCode::OK, "{page}");
-        requests += 1;
-        read.extend(page["results"].as_array().cloned().unwrap_or_default());
-        match page["next_cursor"].as_str() {
-            Some(c) if page["has_more"] == true => cursor = Some(c.to_string()),
-            _ => break,
-        }
-        assert!(requests < 10, "pagination ends");
-    }
+    let (read, requests) = sim.get_all("/v1/users", "user", 2).await;
     assert_eq!(read, whole);
-    assert_eq!(requests, whole.len().div_ceil(2));
+    assert_eq!(requests as usize, whole.len().div_ceil(2));
     let (status, _, body) =
         sim.call("GET", "/v1/users?start_cursor=not-a-cursor", Some("2025-09-03"), None).await;
     assert_eq!(
@@ -763,5 +761,52 @@ async fn users_are_listed_page_by_page_people_first_then_the_integration_bot() {
         (StatusCode::BAD_REQUEST, Some("validation_error")),
         "{body}"
     );
+    sim.server.stop().await;
+}
+
+#[tokio::test]
+async fn comments_are_listed_oldest_first_page_by_page_and_an_added_one_appears_without_moving_the_page() {
+    let sim = Sim::start(60, 0.0).await;
+    let export_url = format!("{}/_sim/export?comments=true&content=true", sim.server.base_url());
+    let export: Value = sim.http.get(&export_url).send().await.expect("export").json().await.expect("json");
+    let pages = export["databases"][0]["pages"].as_array().expect("pages").clone();
+    let mut with_comments = 0;
+    for page in &pages {
+        let id = page["id"].as_str().expect("id").to_string();
+        let (listed, _) = sim.get_all(&format!("/v1/comments?block_id={id}"), "comment", 1).await;
+        assert!(Value::Array(listed.clone()) == page["comments"], "page {id} differs from the export");
+        with_comments += usize::from(!listed.is_empty());
+        for c in &listed {
+            assert_eq!(c["object"], "comment");
+            assert_eq!(c["parent"]["page_id"], id.as_str());
+            assert!(c["discussion_id"].is_string() && c["created_by"]["id"].is_string());
+        }
+    }
+    assert_eq!(with_comments, 12, "every fifth page, from the third");
+
+    // Errors, and a block's (empty) discussion list.
+    let block = pages[1]["blocks"][0]["id"].as_str().expect("block id");
+    for (path, want) in [
+        ("/v1/comments".to_string(), (400, "validation_error")),
+        ("/v1/comments?block_id=nope".to_string(), (400, "validation_error")),
+        ("/v1/comments?block_id=6f1f6c1e-0000-4000-8000-000000000000".to_string(), (404, "object_not_found")),
+        (format!("/v1/comments?block_id={block}&start_cursor=nope"), (400, "validation_error")),
+    ] {
+        let (status, _, body) = sim.call("GET", &path, Some("2025-09-03"), None).await;
+        assert_eq!((status.as_u16(), body["code"].as_str().unwrap_or_default()), want, "{path}: {body}");
+    }
+    let (status, _, body) =
+        sim.call("GET", &format!("/v1/comments?block_id={block}"), Some("2025-09-03"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["results"], json!([]));
+
+    // A comment added to a page without any: listed last, the page's edit time unchanged.
+    let target = pages[0]["id"].as_str().expect("id").to_string();
+    sim.mutate(json!({"comment_add_ids": [target]})).await;
+    let (listed, _) = sim.get_all(&format!("/v1/comments?block_id={target}"), "comment", 1).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let after: Value = sim.http.get(&export_url).send().await.expect("export").json().await.expect("json");
+    assert_eq!(after["databases"][0]["pages"][0]["comments"], Value::Array(listed));
+    assert_eq!(after["databases"][0]["pages"][0]["last_edited_time"], pages[0]["last_edited_time"]);
     sim.server.stop().await;
 }
