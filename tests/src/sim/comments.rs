@@ -1,6 +1,8 @@
 //! Comments on pages, for `GET /v1/comments?block_id=<page>`: every fifth page (from the
-//! third) starts with one to three, and `mutate` with `comment_add` adds more. Generated ones
-//! are a pure function of the seed and the page; an added one also keeps the time it was added.
+//! third) starts with one to three, stamped with the page's creation time, and `mutate` with
+//! `comment_add` adds more, stamped when added. Generated ones are a pure function of the page;
+//! comments pair into discussions by position (the first two, the next two, …), so an added
+//! comment may join the last one's discussion.
 //!
 //! Adding a comment leaves the page's `last_edited_time` alone in the simulator. Whether Notion
 //! moves it is not confirmed here (docs/notion-api.md), so a reader must not rely on either.
@@ -24,8 +26,9 @@ fn generated(seq: u64) -> u32 {
 /// discussion.
 pub fn comments(users: &[Uuid], db: &SimDatabase, page: &SimPage) -> Vec<Value> {
     let first = generated(page.seq);
-    let times =
-        (0..first).map(|k| page.created + 60 * (i64::from(k) + 1)).chain(page.comments_added.iter().copied());
+    // Generated comments carry the page's creation time (never later than an added one, and
+    // never in the future for a page created just now); ties keep their order.
+    let times = (0..first).map(|_| page.created).chain(page.comments_added.iter().copied());
     times
         .enumerate()
         .map(|(k, at)| {
@@ -68,11 +71,23 @@ mod tests {
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "oldest first: {times:?}");
         let ids: std::collections::HashSet<&str> = after.iter().filter_map(|c| c["id"].as_str()).collect();
         assert_eq!(ids.len(), after.len());
-        assert!(
-            super::super::blocks::decode(
-                &after[0]["id"].as_str().unwrap_or_default().parse().unwrap_or_default()
-            )
-            .is_none()
-        );
+        let uuid = |v: &Value| -> Uuid { v.as_str().expect("an id").parse().expect("a uuid") };
+        assert!(super::super::blocks::decode(&uuid(&after[0]["id"])).is_none(), "not a block id");
+        // Two to a discussion, by position.
+        let discussions: Vec<Uuid> = after.iter().map(|c| uuid(&c["discussion_id"])).collect();
+        assert_eq!(discussions[0], discussions[1]);
+        assert!(discussions.iter().all(|d| !ids.contains(d.to_string().as_str())));
+
+        // A page created just now: its comments are not in the future, and an added one follows.
+        let mut new = db.pages[7].clone();
+        let now = data::floor_minute(Utc::now().timestamp());
+        new.created = now;
+        new.last_edited = now;
+        new.comments_added = vec![now];
+        let listed = comments(&ws.users, db, &new);
+        let times: Vec<&str> = listed.iter().filter_map(|c| c["created_time"].as_str()).collect();
+        assert!(times.len() == 3 && times.iter().all(|t| *t == data::iso(now)), "{times:?}");
+        let d: Vec<Uuid> = listed.iter().map(|c| uuid(&c["discussion_id"])).collect();
+        assert!(d[0] == d[1] && d[2] != d[0], "{d:?}");
     }
 }

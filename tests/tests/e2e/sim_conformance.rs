@@ -114,16 +114,7 @@ async fn timestamps_are_rounded_down_to_the_minute_and_filters_respect_it() {
         }
     }
     // An edit right now reads as the current minute, rounded down.
-    let edited: Value = sim
-        .http
-        .post(format!("{}/_sim/mutate", sim.server.base_url()))
-        .json(&json!({"database_id": db, "edit": 1}))
-        .send()
-        .await
-        .expect("mutate")
-        .json()
-        .await
-        .expect("json");
+    let edited = sim.mutate(json!({"database_id": db, "edit": 1})).await;
     let id = edited["edited"][0].as_str().expect("an edited page");
     let (_, _, page) = sim.call("GET", &format!("/v1/pages/{id}"), Some("2025-09-03"), None).await;
     let now = chrono::Utc::now();
@@ -551,8 +542,8 @@ impl Sim {
         out
     }
 
-    /// `POST /_sim/mutate`, which must succeed.
-    async fn mutate(&self, body: Value) {
+    /// `POST /_sim/mutate`, which must succeed; its answer.
+    async fn mutate(&self, body: Value) -> Value {
         let response = self
             .http
             .post(format!("{}/_sim/mutate", self.server.base_url()))
@@ -561,6 +552,7 @@ impl Sim {
             .await
             .expect("mutate");
         assert_eq!(response.status(), StatusCode::OK, "mutate {body}");
+        response.json().await.expect("mutate answers JSON")
     }
 
     /// Every item of a GET list endpoint, `page_size` a request, following cursors; and the
@@ -774,7 +766,7 @@ async fn comments_are_listed_oldest_first_page_by_page_and_an_added_one_appears_
     for page in &pages {
         let id = page["id"].as_str().expect("id").to_string();
         let (listed, _) = sim.get_all(&format!("/v1/comments?block_id={id}"), "comment", 1).await;
-        assert!(Value::Array(listed.clone()) == page["comments"], "page {id} differs from the export");
+        assert_eq!(Value::Array(listed.clone()), page["comments"], "page {id}");
         with_comments += usize::from(!listed.is_empty());
         for c in &listed {
             assert_eq!(c["object"], "comment");
@@ -803,10 +795,22 @@ async fn comments_are_listed_oldest_first_page_by_page_and_an_added_one_appears_
     // A comment added to a page without any: listed last, the page's edit time unchanged.
     let target = pages[0]["id"].as_str().expect("id").to_string();
     sim.mutate(json!({"comment_add_ids": [target]})).await;
+    // … and a count picks pages at random: each gets one more.
+    let response = sim.mutate(json!({"comment_add": 3})).await;
+    let picked = response["commented"].as_array().cloned().unwrap_or_default();
+    assert_eq!(picked.len(), 3, "{response}");
+    let bogus = sim.http.get(format!("{}/_sim/export?comments=yes", sim.server.base_url())).send().await;
+    assert_eq!(bogus.expect("export").status(), StatusCode::BAD_REQUEST);
     let (listed, _) = sim.get_all(&format!("/v1/comments?block_id={target}"), "comment", 1).await;
-    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed.len(), 1 + usize::from(picked.contains(&json!(target))), "{listed:?}");
     let after: Value = sim.http.get(&export_url).send().await.expect("export").json().await.expect("json");
     assert_eq!(after["databases"][0]["pages"][0]["comments"], Value::Array(listed));
     assert_eq!(after["databases"][0]["pages"][0]["last_edited_time"], pages[0]["last_edited_time"]);
+    let after_pages = after["databases"][0]["pages"].as_array().expect("pages");
+    for (was, now) in pages.iter().zip(after_pages) {
+        let count = |p: &Value| p["comments"].as_array().map_or(0, Vec::len);
+        let added = usize::from(was["id"] == target.as_str()) + usize::from(picked.contains(&was["id"]));
+        assert_eq!(count(now), count(was) + added, "page {}", was["id"]);
+    }
     sim.server.stop().await;
 }
