@@ -375,7 +375,6 @@ struct Fleet<'a> {
 }
 
 impl Fleet<'_> {
-    /// Restarts whatever exited and brings the workers back to [`WORKERS`].
     /// Waits (until `deadline`) for the final runs to end and for the fleet to be idle: nothing
     /// running, no rerun request pending, nothing waiting in the work and park queues.
     async fn settle(
@@ -415,6 +414,7 @@ impl Fleet<'_> {
         }
     }
 
+    /// Restarts whatever exited and brings the workers back to [`WORKERS`].
     fn supervise(&mut self, env: &mut TestEnv, progress: &impl Fn(&str)) -> anyhow::Result<()> {
         for (pid, code) in env.take_exited() {
             self.restarts += 1;

@@ -390,9 +390,7 @@ fn block_children(call: &Call<'_>, raw: &str) -> Result<Response, ApiError> {
     let (db, page, parent) = match ws.page(&id) {
         Some((db, page)) => (db, page, Parent::Page(id)),
         None => {
-            let (d, seq, _) = blocks::decode(&id).ok_or_else(|| not_found("block", raw))?;
-            let db = ws.databases.iter().find(|db| db.index == d).ok_or_else(|| not_found("block", raw))?;
-            let page = db.pages.get(seq as usize).ok_or_else(|| not_found("block", raw))?;
+            let (db, page) = block_page(&ws, id, raw)?;
             (db, page, Parent::Block(id))
         }
     };
@@ -414,6 +412,19 @@ fn block_children(call: &Call<'_>, raw: &str) -> Result<Response, ApiError> {
     Ok(ok(list(results, next, "block")))
 }
 
+/// The database and page a block id names (404 when it names none; whether the page's tree
+/// holds that block is the caller's to check).
+fn block_page<'w>(
+    ws: &'w Workspace,
+    id: Uuid,
+    raw: &str,
+) -> Result<(&'w SimDatabase, &'w data::SimPage), ApiError> {
+    let (d, seq, _) = super::blocks::decode(&id).ok_or_else(|| not_found("block", raw))?;
+    let db = ws.databases.iter().find(|db| db.index == d).ok_or_else(|| not_found("block", raw))?;
+    let page = db.pages.get(seq as usize).ok_or_else(|| not_found("block", raw))?;
+    Ok((db, page))
+}
+
 /// `GET /v1/comments?block_id=<id>`: a page's comments, oldest first, `page_size` at a time.
 /// The generated blocks carry no discussions, so a block's list is empty.
 fn comments(call: &Call<'_>) -> Result<Response, ApiError> {
@@ -433,9 +444,7 @@ fn comments(call: &Call<'_>) -> Result<Response, ApiError> {
     let all = match ws.page(&id) {
         Some((db, page)) => super::comments::comments(&ws.users, db, page),
         None => {
-            let (d, seq, _) = super::blocks::decode(&id).ok_or_else(|| not_found("block", &raw))?;
-            let db = ws.databases.iter().find(|db| db.index == d).ok_or_else(|| not_found("block", &raw))?;
-            let page = db.pages.get(seq as usize).ok_or_else(|| not_found("block", &raw))?;
+            let (db, page) = block_page(&ws, id, &raw)?;
             let tree = super::blocks::tree(ws.seed, &ws.users, db, page);
             super::blocks::find(&tree, id).ok_or_else(|| not_found("block", &raw))?;
             Vec::new()
